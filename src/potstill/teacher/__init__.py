@@ -1,0 +1,1 @@
+"""The teacher's side: generation backends (and, later, the logit cache)."""
