@@ -1,2 +1,3 @@
 """potstill: knowledge distillation for language models."""
+
 __version__ = "0.1.0"

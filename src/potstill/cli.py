@@ -30,7 +30,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="The offline model kit: list and prepare real models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The offline model kit: list and prepare real models.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Inspect and validate record sources.", no_args_is_help=True)
 config_app = typer.Typer(help="Show and check stage configs.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Teacher-side jobs (logit cache).", no_args_is_help=True)
@@ -84,6 +86,21 @@ def models_path(name: str) -> None:
     from potstill.kit import prepare
 
     print(prepare(name))
+
+
+@models_app.command("check-vocab")
+def models_check_vocab(
+    teacher: Annotated[str, typer.Argument(help="Teacher model spec.")],
+    student: Annotated[str, typer.Argument(help="Student model spec.")],
+) -> None:
+    """Check that two models share one vocabulary (logit KD and RLT need it)."""
+    from potstill.models import check_same_vocab, load_tokenizer
+
+    teacher_tok, student_tok = load_tokenizer(teacher), load_tokenizer(student)
+    check_same_vocab(teacher_tok, student_tok)
+    console.print(
+        f"[green]ok[/] one vocabulary: {len(teacher_tok):,} tokens, eos {teacher_tok.eos_token!r}"
+    )
 
 
 @data_app.command("check")
@@ -142,7 +159,9 @@ def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 def _not_built(verb: str, issue: str):
     def command(ctx: typer.Context) -> None:
-        raise NotBuiltError(f"`potstill {verb}` is not built yet ({issue}); see the README's roadmap")
+        raise NotBuiltError(
+            f"`potstill {verb}` is not built yet ({issue}); see the README's roadmap"
+        )
 
     command.__doc__ = f"(not built yet) {issue}."
     return command

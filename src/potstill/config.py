@@ -185,7 +185,7 @@ def field_help(cls) -> dict[str, str]:
         return {}
     body = tree.body[0].body
     helps = {}
-    for node, after in zip(body, body[1:]):
+    for node, after in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -210,7 +210,7 @@ def describe(cfg, indent: int = 0) -> str:
             lines.append(f"{pad}{f.name}:")
             lines.append(describe(value, indent + 1))
         else:
-            dumped = yaml.safe_dump({f.name: value}, default_flow_style=None, sort_keys=False)
+            dumped = yaml.safe_dump({f.name: value}, default_flow_style=False, sort_keys=False)
             lines.extend(pad + line for line in dumped.rstrip("\n").splitlines())
     return "\n".join(lines)
 

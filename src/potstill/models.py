@@ -49,7 +49,9 @@ def resolve_model_path(spec: str | Path) -> str:
         return str(_converted_gguf(path))
     if path.exists():
         if not path.is_dir():
-            raise ModelError(f"{path} is a file: give a model directory, a .gguf file or a kit name")
+            raise ModelError(
+                f"{path} is a file: give a model directory, a .gguf file or a kit name"
+            )
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is not a Hugging Face model directory (no config.json); "
@@ -81,6 +83,9 @@ def _converted_gguf(path: Path) -> Path:
 
 
 def _from_pretrained(loader, source: str, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own commands show progress; per-tensor bars are noise
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as exc:
@@ -111,7 +116,7 @@ def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """"auto" is bf16 on a GPU that supports it, else float32 (CPU training wants fp32)."""
+    """ "auto" is bf16 on a GPU that supports it, else float32 (CPU training wants fp32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -185,9 +190,7 @@ def check_same_vocab(teacher_tokenizer, student_tokenizer, *, show: int = 3) -> 
         problems.append(f"teacher has {len(t_vocab):,} tokens, student {len(s_vocab):,}")
     t_by_id = {i: tok for tok, i in t_vocab.items()}
     s_by_id = {i: tok for tok, i in s_vocab.items()}
-    differing = [
-        i for i in sorted(set(t_by_id) | set(s_by_id)) if t_by_id.get(i) != s_by_id.get(i)
-    ]
+    differing = [i for i in sorted(set(t_by_id) | set(s_by_id)) if t_by_id.get(i) != s_by_id.get(i)]
     if differing:
         shown = ", ".join(
             f"id {i}: {t_by_id.get(i)!r} vs {s_by_id.get(i)!r}" for i in differing[:show]
@@ -199,6 +202,7 @@ def check_same_vocab(teacher_tokenizer, student_tokenizer, *, show: int = 3) -> 
         )
     if problems:
         raise ModelError(
-            "teacher and student tokenizers differ: " + "; ".join(problems)
+            "teacher and student tokenizers differ: "
+            + "; ".join(problems)
             + "; logit distillation and RLT need one vocabulary: pick models of one family"
         )

@@ -41,7 +41,10 @@ def package_versions() -> dict[str, str]:
 def describe_input(spec: str) -> dict:
     """What an input was, precisely enough to tell if it changed."""
     if spec.startswith("rg:"):
-        return {"spec": spec, "generator": f"reasoning-gym=={package_versions().get('reasoning-gym')}"}
+        return {
+            "spec": spec,
+            "generator": f"reasoning-gym=={package_versions().get('reasoning-gym')}",
+        }
     path = Path(spec.partition("?")[0]).expanduser()
     if path.is_file():
         return {"spec": spec, "sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -88,7 +91,9 @@ class RunDir:
             self.manifest = {"command": command, "created": _now(), "attempts": [], "counts": {}}
         self.manifest["inputs"] = [describe_input(s) for s in inputs]
         self.manifest["versions"] = package_versions()
-        self.manifest["attempts"].append({"started": _now(), "argv": sys.argv[1:], "status": "running"})
+        self.manifest["attempts"].append(
+            {"started": _now(), "argv": sys.argv[1:], "status": "running"}
+        )
         self.manifest.setdefault("timings", {})
         self.save()
         self.logger = _file_logger(self.path / "logs" / "run.log")

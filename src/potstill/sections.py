@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "rg:basic_arithmetic?size=16&seed=1"
+    source: str = "rg:basic_arithmetic?size=8&seed=1&max_terms=3&max_digits=2"
     """Records: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S (reasoning-gym)."""
     limit: int | None = None
     """Use only the first N records."""
@@ -109,10 +109,17 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.lr > 0, f"lr: must be > 0, got {self.lr}; a usual value is 1e-5")
-        check(0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        check(
+            0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}"
+        )
         check(self.epochs > 0, f"epochs: must be > 0, got {self.epochs}")
-        check(self.max_steps is None or self.max_steps > 0, f"max_steps: must be > 0, got {self.max_steps}")
-        check(self.micro_batch_size > 0, f"micro_batch_size: must be > 0, got {self.micro_batch_size}")
+        check(
+            self.max_steps is None or self.max_steps > 0,
+            f"max_steps: must be > 0, got {self.max_steps}",
+        )
+        check(
+            self.micro_batch_size > 0, f"micro_batch_size: must be > 0, got {self.micro_batch_size}"
+        )
         check(self.grad_accum > 0, f"grad_accum: must be > 0, got {self.grad_accum}")
         check(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
         check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
@@ -137,13 +144,15 @@ class QuickstartConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=192))
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=128)
+    )
     run: RunConfig = field(default_factory=RunConfig)
 
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning of a student on records (the sequence-level issue fills in the loop)."""
+    """Supervised fine-tuning of a student (the sequence-level issue fills in the loop)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

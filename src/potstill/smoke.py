@@ -16,8 +16,8 @@ from rich.table import Table
 
 from potstill.curate.verifiers import extract_answer, verify
 from potstill.data import ShardWriter, read_records, read_shards
-from potstill.kit.registry import KIT
-from potstill.models import load_model, load_tokenizer
+from potstill.kit import KIT, kit_status
+from potstill.models import load_model, load_tokenizer, resolve_model_path
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.sections import QuickstartConfig
@@ -26,14 +26,16 @@ from potstill.teacher.generate import chat_prompt, hf_generate
 
 def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
-    run = RunDir(cfg.run.output_dir, command="quickstart", config=cfg, inputs=[cfg.data.source])
-    with run.timed("load_data"):
-        records = read_records(cfg.data.source, limit=cfg.data.limit)
+    # Validate data and model before the run directory exists: bad input must leave nothing behind.
+    records = read_records(cfg.data.source, limit=cfg.data.limit)
     console.print(f"[bold]{len(records)}[/] records from {cfg.data.source}")
-
+    if cfg.model.name in KIT and kit_status(cfg.model.name) != "ready":
+        console.print(
+            f"preparing offline model [bold]{cfg.model.name}[/] (once, a few minutes) ..."
+        )
+    resolve_model_path(cfg.model.name)
+    run = RunDir(cfg.run.output_dir, command="quickstart", config=cfg, inputs=[cfg.data.source])
     with run.timed("load_model"):
-        if cfg.model.name in KIT:
-            console.print(f"preparing offline model [bold]{cfg.model.name}[/] (once) ...")
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
         model = load_model(
             cfg.model.name,
@@ -51,7 +53,9 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
             TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[speed]}"), console=console,
         ) as progress:  # fmt: skip
-            bar = progress.add_task("answer", total=len(records), completed=len(records) - len(todo), speed="")
+            bar = progress.add_task(
+                "answer", total=len(records), completed=len(records) - len(todo), speed=""
+            )
             for i in range(0, len(todo), gen.batch_size):
                 batch = todo[i : i + gen.batch_size]
                 prompts = [chat_prompt(tokenizer, r["question"], system_prompt) for r in batch]

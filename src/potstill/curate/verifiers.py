@@ -1,4 +1,4 @@
-"""Answer extraction and verification. One signature: `verify(record, completion) -> float` in [0, 1].
+"""Answer extraction and verification: `verify(record, completion) -> float` in [0, 1].
 
 The task field picks the verifier: `rg:NAME` uses reasoning-gym's own scorer, `math` uses
 math-verify, anything else compares the extracted answer exactly (after trimming).
@@ -17,15 +17,26 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def extract_answer(completion: str) -> str:
-    """The final answer in a completion: the last \\boxed{}, `#### x`, `Answer: x` line or
-    "the answer is x", else the last number, else the last non-empty line."""
-    for pattern in (_BOXED, _HASHES, _ANSWER_LINE, _ANSWER_IS, _NUMBER):
-        found = pattern.findall(completion)
-        if found:
-            answer = found[-1].strip().rstrip(".").strip("$ ")
-            return answer.replace(",", "") if pattern is _NUMBER else answer
+    """The final answer in a completion: the last \\boxed{}; else the last marked answer
+    (`#### x`, an `Answer: x` line, "the answer is x"), whichever comes last; else the last
+    number; else the last non-empty line."""
+    boxed = _BOXED.findall(completion)
+    if boxed:
+        return _clean(boxed[-1])
+    marked = [m for p in (_HASHES, _ANSWER_LINE, _ANSWER_IS) for m in p.finditer(completion)]
+    if marked:
+        return _clean(max(marked, key=lambda m: m.end()).group(1))
+    numbers = _NUMBER.findall(completion)
+    if numbers:
+        return numbers[-1].replace(",", "")
     lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().rstrip(".").strip("$ ")
+    boxed = _BOXED.findall(answer)  # "Answer: \\boxed{-3}"
+    return boxed[-1].strip() if boxed else answer
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,7 +52,11 @@ def verify(record: dict, completion: str) -> float:
     answer = extract_answer(completion)
     gold = record.get("answer") or record.get("solution") or ""
     if task.startswith("rg:"):
-        entry = {"question": record["question"], "answer": gold, "metadata": record.get("metadata", {})}
+        entry = {
+            "question": record["question"],
+            "answer": gold,
+            "metadata": record.get("metadata", {}),
+        }
         return float(_rg_scorer(task[3:])(answer=answer, entry=entry))
     if task == "math":
         from math_verify import parse

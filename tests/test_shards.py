@@ -1,0 +1,77 @@
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from potstill.data import ShardWriter, read_records, read_shards
+from potstill.errors import DataError
+
+
+def records(n):
+    return [{"id": f"r{i}", "question": f"q{i}"} for i in range(n)]
+
+
+def test_shards_flush_by_size_and_resume(tmp_path):
+    with ShardWriter(tmp_path, shard_size=3) as writer:
+        for r in records(7):
+            writer.write(r)
+        assert sorted(p.name for p in tmp_path.glob("part-*")) == [
+            "part-00000.jsonl",
+            "part-00001.jsonl",
+        ]
+    assert [r["id"] for r in read_shards(tmp_path)] == [f"r{i}" for i in range(7)]
+
+    again = ShardWriter(tmp_path, shard_size=3)
+    assert again.done_ids == {f"r{i}" for i in range(7)}
+    with pytest.raises(DataError, match="id 'r3' is already written"):
+        again.write({"id": "r3", "question": "q"})
+    again.write({"id": "r7", "question": "q7"})
+    again.close()
+    assert (tmp_path / "part-00003.jsonl").is_file()  # appended, earlier shards untouched
+    assert len(read_records(tmp_path)) == 8  # a shard directory is a record source
+
+
+def test_stale_temp_files_are_ignored_and_removed(tmp_path):
+    (tmp_path / ".part-00000.jsonl.tmp-999").write_text('{"id": "half"')
+    writer = ShardWriter(tmp_path)
+    assert writer.done_ids == set()
+    assert not list(tmp_path.glob(".part-*"))
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from potstill.data import ShardWriter
+    out, n = sys.argv[1], int(sys.argv[2])
+    with ShardWriter(out, shard_size=4) as writer:
+        for i in range(n):
+            if f"r{i}" in writer.done_ids:
+                continue
+            time.sleep(0.01)
+            writer.write({"id": f"r{i}", "question": f"q{i}"})
+    """
+)
+
+
+@pytest.mark.parametrize("kill_after", [0.3, 0.6, 0.9])
+def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path, kill_after):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out, n = tmp_path / "out", 150
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(n)])
+    time.sleep(kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = list(read_shards(out)) if out.exists() else []
+    assert len(partial) < n, "the worker finished before the kill; the test proved nothing"
+    subprocess.run([sys.executable, str(script), str(out), str(n)], check=True)
+    ids = [r["id"] for r in read_shards(out)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(n))
+    assert len(ids) == len(set(ids))
+    for shard in out.glob("part-*.jsonl"):  # every shard is whole JSON lines
+        for line in shard.read_text().splitlines():
+            json.loads(line)
