@@ -18,7 +18,7 @@ import torch
 
 from potstill.errors import ModelError
 from potstill.fsutil import file_lock, sha256_file
-from potstill.kit.convert import convert_gguf, is_converted
+from potstill.kit.convert import check_gguf, convert_gguf, is_converted
 from potstill.kit.prepare import prepare
 from potstill.kit.registry import KIT, closest_kit_name
 from potstill.paths import cache_dir
@@ -72,6 +72,7 @@ def resolve_model_path(spec: str | Path) -> str:
 
 def _converted_gguf(path: Path) -> Path:
     """The cached plain directory for a user's GGUF file, converted on first use."""
+    check_gguf(path)  # before hashing or locking: a bad file must leave no trace in the cache
     digest = sha256_file(path)
     target = cache_dir("converted") / f"{path.stem}-{digest[:16]}"
     if is_converted(target):
