@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from potstill.losses.divergences import check_finite, check_pair, check_temperature, resolve
+from potstill.losses.fused import run_dense_chunk
 from potstill.losses.reduce import IGNORE_INDEX, count_target_tokens
 from potstill.losses.sparse import TAILS, bucket_log_probs, check_sparse
 from potstill.losses.weighting import TeacherConfidence, mix
@@ -80,7 +81,9 @@ def _chunk_teacher(teacher: Teacher, start: int, end: int, dtype) -> tuple[str, 
     return "dense", teacher.logits[start:end], None
 
 
-def token_losses(student_logits, labels, teacher_part, *, core, temperature, tail, kd_ratio):
+def token_losses(
+    student_logits, labels, teacher_part, *, core, temperature, tail, kd_ratio, row_offset=0
+):
     """Per-token CE, soft divergence and kd_ratio for one chunk. (c, V), (c,) -> three (c,)
 
     `teacher_part` is ("dense", logits (c, V), None) or ("topk", ids (c, k), log_probs (c, k)).
@@ -91,10 +94,10 @@ def token_losses(student_logits, labels, teacher_part, *, core, temperature, tai
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
     ce = -log_q1.gather(-1, safe_labels).squeeze(-1)
     if kind == "topk":
-        check_sparse(student_logits, t_main, t_log_probs)
+        check_sparse(student_logits, t_main, t_log_probs, row_offset)
         soft = core(*bucket_log_probs(log_q, t_main, t_log_probs, tail))
     else:
-        check_pair(student_logits, t_main)
+        check_pair(student_logits, t_main, row_offset)
         log_p = F.log_softmax(t_main.float() / temperature, dim=-1)
         soft = core(log_q, log_p)
     if isinstance(kd_ratio, TeacherConfidence):
@@ -172,6 +175,46 @@ def _flatten_teacher(teacher: Teacher) -> Teacher:
                        teacher.log_probs.reshape(-1, teacher.log_probs.shape[-1]))  # fmt: skip
 
 
+def _check_dense_teacher(teacher, rows: int, vocab: int) -> None:
+    if isinstance(teacher, TeacherLogits):
+        shape = tuple(teacher.logits.shape)
+    else:
+        shape = (teacher.hidden.shape[0], teacher.weight.shape[0])
+    if shape != (rows, vocab):
+        hint = (
+            "the vocabularies differ: distil only between models that share a tokenizer"
+            if shape[0] == rows
+            else "align the teacher's and student's tokens (same batch, same sequence positions)"
+        )
+        raise ValueError(
+            f"student logits {(rows, vocab)} and teacher logits {shape} differ in shape; {hint}"
+        )
+
+
+def _dense_step(logits, t_logits, labels, mask, n, divergence, param, temperature, kd_ratio,
+                row_offset, pad_to):  # fmt: skip
+    """One chunk through the closed-form kernel: loss, ∂loss/∂logits and the per-token parts."""
+    if isinstance(kd_ratio, TeacherConfidence):
+        a = kd_ratio(teacher_log_probs=F.log_softmax(t_logits.float(), -1), labels=labels)
+    else:
+        a = torch.full(labels.shape, float(kd_ratio))
+    weight = mask.float() / n
+    w_ce, w_soft = (weight * (1.0 - a)).unsqueeze(-1), (weight * a).unsqueeze(-1)
+    safe_labels = labels.clamp(min=0)
+    args = [logits, t_logits, safe_labels, w_ce, w_soft]
+    rows = logits.shape[0]
+    if pad_to is not None and rows < pad_to:  # one compiled shape for every chunk
+        args = [F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad_to - rows)) for x in args]
+    ce, soft, g, finite = run_dense_chunk(*args, temperature, divergence, param,
+                                          compile=pad_to is not None)  # fmt: skip
+    ce, soft, g, finite = ce[:rows], soft[:rows], g[:rows], finite[:rows]
+    if not bool(finite.all()):
+        check_finite(t_logits, "teacher logits", row_offset)
+    g.scatter_add_(-1, safe_labels.unsqueeze(-1), -w_ce)
+    loss = (w_ce.squeeze(-1) * ce + w_soft.squeeze(-1) * temperature**2 * soft).sum()
+    return loss, g, ce, soft, a
+
+
 def default_chunk_size(vocab_size: int, budget_bytes: int = 1 << 28) -> int:
     """Rows per chunk so one (chunk, V) float32 tensor stays near `budget_bytes` (256 MiB)."""
     rows = max(budget_bytes // (4 * vocab_size), 16)
@@ -209,13 +252,16 @@ def chunked_kd_loss(
     num_target_tokens: int | None = None,
     tail: str = "bucket",
     chunk_size: int | None = None,
+    compile: bool | None = None,
     ignore_index: int = IGNORE_INDEX,
     **params: float,
 ) -> KDLoss:
     """`kd_loss` from hidden states and the lm_head, never building [N, V]. Exact gradients.
 
     student_hidden: (..., H) already aligned with `labels` (...) (shift before calling);
-    student_weight: (V, H). Same arguments and result as `kd_loss`.
+    student_weight: (V, H). Same arguments and result as `kd_loss`. Dense teachers use the
+    closed-form kernels of `potstill.losses.fused`; `compile` runs them through torch.compile
+    (None = when a chunk holds at least 4M logits, i.e. real vocabularies).
     """
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -228,6 +274,13 @@ def chunked_kd_loss(
     chunk = chunk_size or default_chunk_size(vocab)
     stats = {"ce": 0.0, "soft": 0.0, "alpha": 0.0}
     mask = labels != ignore_index
+
+    dense = not isinstance(teacher, TeacherTopK)
+    if dense:
+        _check_dense_teacher(teacher, hidden.shape[0], vocab)
+    if compile is None:
+        compile = chunk * vocab >= 1 << 22
+    param = float(params.get("beta", params.get("alpha", 0.0)))
 
     def compute(needs_grad):
         h_all, w = hidden.detach(), student_weight.detach()
@@ -245,14 +298,21 @@ def chunked_kd_loss(
             logits = h @ w.T
             if has_bias:
                 logits = logits + student_bias.detach()
-            logits = logits.float().requires_grad_()
             part = _chunk_teacher(teacher, start, end, w.dtype)
-            with torch.enable_grad():
-                ce, soft, a = token_losses(logits, labels[start:end], part, core=core,
-                                           temperature=temperature, tail=tail, kd_ratio=kd_ratio)  # fmt: skip
-                per_token = torch.where(m, mix(ce, soft, a, temperature), torch.zeros_like(ce))
-                chunk_loss = per_token.sum() / n
-                (g,) = torch.autograd.grad(chunk_loss, logits)
+            if dense:
+                chunk_loss, g, ce, soft, a = _dense_step(
+                    logits, part[1], labels[start:end], m, n, divergence, param, temperature,
+                    kd_ratio, start, chunk if compile else None,
+                )  # fmt: skip
+            else:
+                logits = logits.float().requires_grad_()
+                with torch.enable_grad():
+                    ce, soft, a = token_losses(logits, labels[start:end], part, core=core,
+                                               temperature=temperature, tail=tail,
+                                               kd_ratio=kd_ratio, row_offset=start)  # fmt: skip
+                    per_token = torch.where(m, mix(ce, soft, a, temperature), torch.zeros_like(ce))
+                    chunk_loss = per_token.sum() / n
+                    (g,) = torch.autograd.grad(chunk_loss, logits)
             total += chunk_loss.detach()
             stats["ce"] += float(ce.detach()[m].sum())
             stats["soft"] += float(soft.detach()[m].sum())

@@ -1,7 +1,7 @@
 """Divergences between a teacher's and a student's token distributions, as pure functions.
 
 Every function takes logits whose last dimension is the vocabulary and returns one value per token
-(shape = the leading dims), computed in float32 whatever the input dtype:
+(shape = the leading dims), computed in float32 at least (half-precision inputs are upcast):
 
     fn(student_logits, teacher_logits, *, temperature=1.0, ...) -> per-token tensor
 
@@ -39,8 +39,11 @@ def check_unit(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    """Shapes must match exactly; the teacher's logits must be finite (says where they are not)."""
+def check_pair(student_logits: Tensor, teacher_logits: Tensor, row_offset: int = 0) -> None:
+    """Shapes must match exactly; the teacher's logits must be finite (says where they are not).
+
+    `row_offset` is added to the first index in messages (for chunks of a larger tensor).
+    """
     if student_logits.shape != teacher_logits.shape:
         s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
         hint = (
@@ -49,22 +52,27 @@ def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
             else "align the teacher's and student's tokens (same batch, same sequence positions)"
         )
         raise ValueError(f"student logits {s} and teacher logits {t} differ in shape; {hint}")
-    check_finite(teacher_logits, "teacher logits")
+    check_finite(teacher_logits, "teacher logits", row_offset)
 
 
-def check_finite(values: Tensor, name: str) -> None:
+def check_finite(values: Tensor, name: str, row_offset: int = 0) -> None:
     bad = ~torch.isfinite(values)
     if bad.any():
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        count = int(bad.sum())
+        first = [int(i) for i in bad.nonzero()[0]]
+        first[0] += row_offset
         raise ValueError(
-            f"{name} hold {count} NaN/inf value(s), the first at index {where}; "
+            f"{name} hold NaN/inf, the first at index {tuple(first)}; "
             "check the teacher's dtype (fp16 overflows) and its inputs"
         )
 
 
+def upcast(x: Tensor) -> Tensor:
+    """float32 for half-precision inputs; float64 stays float64 (for reference computations)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    return F.log_softmax(upcast(logits) / temperature, dim=-1)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -27,7 +27,9 @@ Tensor = torch.Tensor
 TAILS = ("bucket", "renormalise")
 
 
-def check_sparse(student_logits: Tensor, teacher_ids: Tensor, teacher_log_probs: Tensor) -> None:
+def check_sparse(
+    student_logits: Tensor, teacher_ids: Tensor, teacher_log_probs: Tensor, row_offset: int = 0
+) -> None:
     if teacher_ids.shape != teacher_log_probs.shape:
         raise ValueError(
             f"teacher ids {tuple(teacher_ids.shape)} and log-probs "
@@ -46,7 +48,8 @@ def check_sparse(student_logits: Tensor, teacher_ids: Tensor, teacher_log_probs:
             f"teacher ids must lie in [0, {vocab}), found {int(teacher_ids.min())}.."
             f"{int(teacher_ids.max())}: the cache was made with another vocabulary"
         )
-    check_finite(teacher_log_probs.clamp(min=-1e30), "teacher log-probs")  # -inf = prob 0: fine
+    # -inf is a probability of 0, which is fine; NaN and +inf are not.
+    check_finite(teacher_log_probs.clamp(min=-1e30), "teacher log-probs", row_offset)
 
 
 def bucket_log_probs(
@@ -67,7 +70,10 @@ def bucket_log_probs(
     outside = log_q.scatter(-1, teacher_ids, float("-inf"))
     student_tail = outside.logsumexp(-1, keepdim=True)
     top_mass = teacher_top.logsumexp(-1, keepdim=True).clamp(max=0.0)
-    teacher_tail = torch.log(-torch.expm1(top_mass))  # log(1 − Σ p_topk); -inf when k = V
+    teacher_tail = torch.log(-torch.expm1(top_mass))  # log(1 − Σ p_topk)
+    # When the k ids cover the whole vocabulary the bucket is empty on both sides, whatever
+    # rounding left in 1 − Σ p_topk.
+    teacher_tail = teacher_tail.masked_fill(student_tail == float("-inf"), float("-inf"))
     return torch.cat([student_top, student_tail], -1), torch.cat([teacher_top, teacher_tail], -1)
 
 
