@@ -85,23 +85,43 @@ def run_case(name: str, n: int, h: int, v: int, repeats: int, grads_out: str) ->
         elif name.startswith("ours_logits"):
             divergence = "forward_kl" if name.endswith("fkl") else "jsd"
             params = {"beta": 0.5} if divergence == "jsd" else {}
-            loss = chunked_kd_loss(student_hidden, student_weight, labels,
-                                   TeacherLogits(teacher_logits), divergence=divergence,
-                                   kd_ratio=1.0, **params).loss  # fmt: skip
+            loss = chunked_kd_loss(
+                student_hidden,
+                student_weight,
+                labels,
+                TeacherLogits(teacher_logits),
+                divergence=divergence,
+                kd_ratio=1.0,
+                **params,
+            ).loss
         elif name == "ours_hidden_jsd":
-            loss = chunked_kd_loss(student_hidden, student_weight, labels,
-                                   TeacherHidden(teacher_hidden, teacher_weight), divergence="jsd",
-                                   beta=0.5, kd_ratio=1.0).loss  # fmt: skip
+            loss = chunked_kd_loss(
+                student_hidden,
+                student_weight,
+                labels,
+                TeacherHidden(teacher_hidden, teacher_weight),
+                divergence="jsd",
+                beta=0.5,
+                kd_ratio=1.0,
+            ).loss
         elif name == "trl_chunked_jsd":
             mask = torch.ones(1, n, dtype=torch.long)
-            loss, _, _ = _chunked_divergence_loss(student_hidden[None], teacher_hidden[None],
-                                                  student_weight, teacher_weight, mask, beta=0.5)  # fmt: skip
+            loss, _, _ = _chunked_divergence_loss(
+                student_hidden[None],
+                teacher_hidden[None],
+                student_weight,
+                teacher_weight,
+                mask,
+                beta=0.5,
+            )
         elif name == "floor_online":
             with torch.no_grad():
                 logits = student_hidden @ student_weight.T
                 teacher = teacher_hidden @ teacher_weight.T
                 del logits, teacher
-                grad = torch.empty(n, v).normal_()  # stands for dL/dlogits; its cost is not the floor's
+                grad = torch.empty(
+                    n, v
+                ).normal_()  # stands for dL/dlogits; its cost is not the floor's
                 start = time.perf_counter()
                 _ = grad @ student_weight
                 _ = grad.T @ student_hidden
@@ -118,18 +138,23 @@ def run_case(name: str, n: int, h: int, v: int, repeats: int, grads_out: str) ->
         loss, inner = step()
         elapsed = time.perf_counter() - start
         if name == "floor_online":  # only the matmuls: exclude making the random gradient
-            elapsed = elapsed - (elapsed - inner) + _timed_forward(student_hidden, student_weight,
-                                                                   teacher_hidden, teacher_weight)  # fmt: skip
+            elapsed = (
+                elapsed
+                - (elapsed - inner)
+                + _timed_forward(student_hidden, student_weight, teacher_hidden, teacher_weight)
+            )
         times.append(elapsed)
     peak = _rss_kib("VmHWM")
     result = {"case": name, "time_s": min(times), "peak_mib": (peak - baseline) / 1024}
     if loss is not None:
         result["loss"] = float(loss)
         save_file(
-            {"grad_hidden": student_hidden.grad.contiguous(),
-             "grad_weight_rows": student_weight.grad[:4096].contiguous()},
+            {
+                "grad_hidden": student_hidden.grad.contiguous(),
+                "grad_weight_rows": student_weight.grad[:4096].contiguous(),
+            },
             grads_out,
-        )  # fmt: skip
+        )
     return result
 
 
@@ -155,6 +180,7 @@ def main() -> None:
     parser.add_argument("--h", type=int, default=896)
     parser.add_argument("--v", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=list(CASES), help="run only these cases")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--grads-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,9 +194,25 @@ def main() -> None:
     results, grads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, label in CASES.items():
+            if args.only and name not in args.only:
+                continue
             out = os.path.join(tmp, f"{name}.safetensors")
-            cmd = [sys.executable, __file__, "--case", name, "--n", str(args.n), "--h", str(args.h),
-                   "--v", str(args.v), "--repeats", str(args.repeats), "--grads-out", out]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--n",
+                str(args.n),
+                "--h",
+                str(args.h),
+                "--v",
+                str(args.v),
+                "--repeats",
+                str(args.repeats),
+                "--grads-out",
+                out,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"case {name} failed:\n{proc.stderr[-3000:]}")
@@ -180,9 +222,15 @@ def main() -> None:
             r = results[name]
             print(f"{label:55s} {r['time_s']:8.2f} s {r['peak_mib']:9.0f} MiB", flush=True)
 
+    if args.only:
+        return
     errs = {}
-    for ours, ref in (("ours_logits_fkl", "plain_fkl"), ("ours_logits_jsd", "plain_jsd"),
-                      ("ours_hidden_jsd", "plain_jsd"), ("trl_gkd_jsd", "plain_jsd")):  # fmt: skip
+    for ours, ref in (
+        ("ours_logits_fkl", "plain_fkl"),
+        ("ours_logits_jsd", "plain_jsd"),
+        ("ours_hidden_jsd", "plain_jsd"),
+        ("trl_gkd_jsd", "plain_jsd"),
+    ):
         loss_err = abs(results[ours]["loss"] - results[ref]["loss"]) / abs(results[ref]["loss"])
         g_err = max(rel_err(grads[ours][k], grads[ref][k]) for k in grads[ref])
         errs[ours] = max(loss_err, g_err)
@@ -199,7 +247,9 @@ def main() -> None:
         "chunked_mem_ratio": ratio("ours_hidden_jsd", "trl_chunked_jsd", "peak_mib"),
         "chunked_time_ratio": ratio("ours_hidden_jsd", "trl_chunked_jsd", "time_s"),
         "floor_ratio": ratio("ours_hidden_jsd", "floor_online", "time_s"),
-        "max_rel_err": max(errs[k] for k in ("ours_logits_fkl", "ours_logits_jsd", "ours_hidden_jsd")),
+        "max_rel_err": max(
+            errs[k] for k in ("ours_logits_fkl", "ours_logits_jsd", "ours_hidden_jsd")
+        ),
     }
     print(f"shape N={args.n} H={args.h} V={args.v}, fp32, {os.cpu_count()} cores")
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in figures.items()))

@@ -56,7 +56,7 @@ def test_sha256_mismatch_leaves_nothing_half_written(potstill_home):
 
 @pytest.mark.slow
 def test_prepare_killed_twice_then_rerun_finishes_cleanly(potstill_home):
-    """SIGKILL while downloading, then again while assembling or converting; the third run ends it."""
+    """SIGKILL while downloading, then while assembling or converting; the third run ends it."""
     import signal
     import subprocess
     import sys

@@ -155,8 +155,15 @@ def test_sparse_with_k_equal_v_is_dense(name, tail):
     s, t = logits_pair()
     log_p = torch.log_softmax(t / 2.0, -1)
     top = log_p.topk(log_p.shape[-1], -1)
-    got = sparse_divergence(s, top.indices, top.values, divergence=name, temperature=2.0,
-                            tail=tail, **PARAMS.get(name, {}))  # fmt: skip
+    got = sparse_divergence(
+        s,
+        top.indices,
+        top.values,
+        divergence=name,
+        temperature=2.0,
+        tail=tail,
+        **PARAMS.get(name, {}),
+    )
     want = DIVERGENCES[name](s, t, temperature=2.0, **PARAMS.get(name, {}))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -234,8 +241,9 @@ def test_teacher_confidence_trusts_the_teacher_where_it_is_sure_and_right():
 def test_teacher_confidence_on_a_sparse_teacher():
     ids = torch.tensor([[0, 1], [0, 1]])
     log_probs = torch.log(torch.tensor([[0.7, 0.2], [0.7, 0.2]]))
-    alpha = TeacherConfidence("gold")(teacher_log_probs=log_probs, labels=torch.tensor([1, 5]),
-                                      teacher_ids=ids, vocab_size=10)  # fmt: skip
+    alpha = TeacherConfidence("gold")(
+        teacher_log_probs=log_probs, labels=torch.tensor([1, 5]), teacher_ids=ids, vocab_size=10
+    )
     assert alpha.tolist() == pytest.approx([0.2, 0.0])  # gold outside the top k: no trust
 
 

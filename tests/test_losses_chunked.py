@@ -51,13 +51,17 @@ def test_chunked_equals_plain(name, teacher_kind):
         top = torch.log_softmax(t_logits / 1.5, -1).topk(8, -1)
         teacher = TeacherTopK(top.indices, top.values)
     kwargs = dict(divergence=name, temperature=1.5, kd_ratio=0.6, **PARAMS.get(name, {}))
-    chunked = chunked_kd_loss(hidden, weight, labels, teacher, student_bias=bias, chunk_size=8,
-                              **kwargs)  # fmt: skip
+    chunked = chunked_kd_loss(
+        hidden, weight, labels, teacher, student_bias=bias, chunk_size=8, **kwargs
+    )
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     plain = kd_loss(logits, labels, teacher, **kwargs)
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads(chunked.loss, [hidden, weight, bias]),
-                         grads(plain.loss, [hidden, weight, bias]), strict=True):  # fmt: skip
+    for got, want in zip(
+        grads(chunked.loss, [hidden, weight, bias]),
+        grads(plain.loss, [hidden, weight, bias]),
+        strict=True,
+    ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert chunked.tokens == plain.tokens == 41
     assert chunked.ce_sum == pytest.approx(plain.ce_sum, rel=1e-5)
@@ -109,17 +113,28 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1():
         seqs.append((torch.randn(16, H, generator=g), torch.randn(16, HT, generator=g), labels))
     window = sum(count_target_tokens(labels) for _, _, labels in seqs)
 
-    whole = chunked_kd_loss(torch.stack([s[0] for s in seqs]), weight,
-                            torch.stack([s[2] for s in seqs]),
-                            TeacherHidden(torch.stack([s[1] for s in seqs]), t_weight),
-                            divergence="jsd", beta=0.5)  # fmt: skip
+    whole = chunked_kd_loss(
+        torch.stack([s[0] for s in seqs]),
+        weight,
+        torch.stack([s[2] for s in seqs]),
+        TeacherHidden(torch.stack([s[1] for s in seqs]), t_weight),
+        divergence="jsd",
+        beta=0.5,
+    )
     (whole_grad,) = torch.autograd.grad(whole.loss, weight)
 
     total = torch.zeros(())
     accumulated = torch.zeros_like(weight)
     for h, th, labels in seqs:
-        micro = chunked_kd_loss(h, weight, labels, TeacherHidden(th, t_weight), divergence="jsd",
-                                beta=0.5, num_target_tokens=window)  # fmt: skip
+        micro = chunked_kd_loss(
+            h,
+            weight,
+            labels,
+            TeacherHidden(th, t_weight),
+            divergence="jsd",
+            beta=0.5,
+            num_target_tokens=window,
+        )
         (g_micro,) = torch.autograd.grad(micro.loss, weight)
         accumulated += g_micro
         total += micro.loss.detach()
@@ -130,8 +145,9 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1():
 def test_all_masked_batch_contributes_zero():
     hidden, weight, _, t_hidden, t_weight, _ = inputs()
     labels = torch.full((N,), -100)
-    out = chunked_kd_loss(hidden, weight, labels, TeacherHidden(t_hidden, t_weight),
-                          num_target_tokens=0)  # fmt: skip
+    out = chunked_kd_loss(
+        hidden, weight, labels, TeacherHidden(t_hidden, t_weight), num_target_tokens=0
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.tokens == 0
     assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
@@ -179,12 +195,14 @@ def test_vocab_mismatch_and_nan_teacher():
 def test_compiled_kernels_equal_eager(name):
     """torch.compile fuses the closed-form kernel; it must compute the same loss and gradients."""
     hidden, weight, _, t_hidden, t_weight, labels = inputs(seed=5)
-    kwargs = dict(divergence=name, temperature=2.0, kd_ratio=0.7, chunk_size=16,
-                  **PARAMS.get(name, {}))  # fmt: skip
+    kwargs = dict(
+        divergence=name, temperature=2.0, kd_ratio=0.7, chunk_size=16, **PARAMS.get(name, {})
+    )
     teacher = TeacherHidden(t_hidden, t_weight)
     eager = chunked_kd_loss(hidden, weight, labels, teacher, compile=False, **kwargs)
     compiled = chunked_kd_loss(hidden, weight, labels, teacher, compile=True, **kwargs)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads(compiled.loss, [hidden, weight]), grads(eager.loss, [hidden, weight]),
-                         strict=True):  # fmt: skip
+    for got, want in zip(
+        grads(compiled.loss, [hidden, weight]), grads(eager.loss, [hidden, weight]), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,7 @@ import torch
 from potstill.errors import ModelError
 from potstill.kit.convert import check_gguf
 from potstill.models import (
-    LoraSpec,
+    LoraConfig,
     check_same_vocab,
     load_model,
     load_tokenizer,
@@ -30,7 +30,7 @@ def test_loaded_model_passes_through_and_lora_wraps_it(tiny_model_dir):
     model = load_model(tiny_model_dir, device="cpu")
     assert load_model(model) is model
     total = sum(p.numel() for p in model.parameters())
-    wrapped = load_model(model, lora=LoraSpec(r=2, alpha=4))
+    wrapped = load_model(model, lora=LoraConfig(r=2, alpha=4))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert 0 < trainable < total / 5
 

@@ -37,8 +37,13 @@ data_app = typer.Typer(help="Inspect and validate record sources.", no_args_is_h
 config_app = typer.Typer(help="Show and check stage configs.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Teacher-side jobs (logit cache).", no_args_is_help=True)
 rlt_app = typer.Typer(help="Reinforcement-learned teachers (Sakana AI RLT).", no_args_is_help=True)
-for sub, name in ((models_app, "models"), (data_app, "data"), (config_app, "config"),
-                  (teacher_app, "teacher"), (rlt_app, "rlt")):  # fmt: skip
+for sub, name in (
+    (models_app, "models"),
+    (data_app, "data"),
+    (config_app, "config"),
+    (teacher_app, "teacher"),
+    (rlt_app, "rlt"),
+):
     app.add_typer(sub, name=name)
 
 console = Console()
@@ -118,8 +123,10 @@ def data_check(
             print(f"  {problem}", file=sys.stderr)
         raise
     fields = Counter(k for r in records for k in r)
-    console.print(f"[green]ok[/] {len(records)} records; fields: " + ", ".join(
-        f"{k} ({n})" for k, n in fields.most_common()))  # fmt: skip
+    console.print(
+        f"[green]ok[/] {len(records)} records; fields: "
+        + ", ".join(f"{k} ({n})" for k, n in fields.most_common())
+    )
 
 
 def _stage_config(stage: str):

@@ -10,9 +10,7 @@ A *spec* is any of:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,19 +20,9 @@ from potstill.kit.convert import check_gguf, convert_gguf, is_converted
 from potstill.kit.prepare import prepare
 from potstill.kit.registry import KIT, closest_kit_name
 from potstill.paths import cache_dir
+from potstill.sections import LoraConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoraSpec:
-    """PEFT LoRA settings (Hu et al. 2021)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_model_path(spec: str | Path) -> str:
@@ -143,7 +131,7 @@ def load_model(
     *,
     dtype: str | torch.dtype = "auto",
     device: str = "auto",
-    lora: LoraSpec | None = None,
+    lora: LoraConfig | None = None,
     trust_remote_code: bool = False,
 ):
     """A causal LM from any spec (see the module docstring), on `device`, LoRA-wrapped if asked."""
@@ -165,16 +153,17 @@ def load_model(
     return model
 
 
-def apply_lora(model, lora: LoraSpec):
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model, lora: LoraConfig):
+    """Wrap `model` with PEFT LoRA adapters (Hu et al. 2021); only the adapters train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    config = LoraConfig(
+    config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
-        **lora.extra,
     )
     return get_peft_model(model, config)
 

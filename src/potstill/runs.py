@@ -25,9 +25,19 @@ from potstill.errors import ConfigError
 from potstill.fsutil import atomic_write_text, sha256_file
 
 TRACKED_PACKAGES = (
-    "potstill", "torch", "transformers", "accelerate", "peft", "trl", "datasets",
-    "safetensors", "gguf", "reasoning-gym", "math-verify", "vllm",
-)  # fmt: skip
+    "potstill",
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "trl",
+    "datasets",
+    "safetensors",
+    "gguf",
+    "reasoning-gym",
+    "math-verify",
+    "vllm",
+)
 
 
 def package_versions() -> dict[str, str]:

@@ -50,9 +50,13 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
         todo = [r for r in records if r["id"] not in writer.done_ids]
         start, new_tokens = time.perf_counter(), 0
         with Progress(
-            TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[speed]}"), console=console,
-        ) as progress:  # fmt: skip
+            TextColumn("answering"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[speed]}"),
+            console=console,
+        ) as progress:
             bar = progress.add_task(
                 "answer", total=len(records), completed=len(records) - len(todo), speed=""
             )
@@ -60,22 +64,33 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
                 batch = todo[i : i + gen.batch_size]
                 prompts = [chat_prompt(tokenizer, r["question"], system_prompt) for r in batch]
                 outs = hf_generate(
-                    model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size,
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature,
+                    top_p=gen.top_p,
+                    batch_size=gen.batch_size,
                     seed=gen.seed + i,
-                )  # fmt: skip
+                )
                 for record, out in zip(batch, outs, strict=True):
                     score = verify(record, out.text)
-                    writer.write({
-                        **record,
-                        "completion": out.text,
-                        "verified": score >= 1.0,
-                        "score": score,
-                        "completion_tokens": out.completion_tokens,
-                        "finish_reason": out.finish_reason,
-                        "teacher": {"model": cfg.model.name, "temperature": gen.temperature,
-                                    "max_new_tokens": gen.max_new_tokens, "seed": gen.seed},
-                    })  # fmt: skip
+                    writer.write(
+                        {
+                            **record,
+                            "completion": out.text,
+                            "verified": score >= 1.0,
+                            "score": score,
+                            "completion_tokens": out.completion_tokens,
+                            "finish_reason": out.finish_reason,
+                            "teacher": {
+                                "model": cfg.model.name,
+                                "temperature": gen.temperature,
+                                "max_new_tokens": gen.max_new_tokens,
+                                "seed": gen.seed,
+                            },
+                        }
+                    )
                     new_tokens += out.completion_tokens
                 writer.flush()
                 elapsed = time.perf_counter() - start
@@ -104,7 +119,9 @@ def _print_table(console: Console, shown: list[dict], summary: dict, model: str)
         table.add_column(col, overflow="fold")
     for r in shown:
         table.add_row(
-            r["question"][:60], r.get("answer", ""), extract_answer(r["completion"])[:30],
+            r["question"][:60],
+            r.get("answer", ""),
+            extract_answer(r["completion"])[:30],
             "✓" if r["verified"] else "✗",
-        )  # fmt: skip
+        )
     console.print(table)

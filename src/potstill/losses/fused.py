@@ -11,7 +11,8 @@ With s = z/T, q = softmax(s), p = softmax(t/T) and g = ∂D/∂q, the softmax ch
     skew rev(α)  q ⊙ (g − Σ q g),       g = log q − log r − α q / r, r = α q + (1 − α) p
     TVD          q ⊙ (g − Σ q g),       g = ½ sign(q − p)
 
-The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so ∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
+The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so
+∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
 `compile=True` runs the kernel through `torch.compile`, which fuses these elementwise passes into a
 few loops (about 4× faster on CPU); the eager kernel computes the same thing.
 """
@@ -129,13 +130,16 @@ _warned = False
 
 
 def run_dense_chunk(*args, compile: bool):
-    """Run the kernel, compiled if asked; fall back to eager (with one warning) if compiling fails."""
+    """Run the kernel, compiled if asked; if compiling fails, warn once and run it eagerly."""
     global _warned
     if compile:
         try:
             return compiled_dense_chunk()(*args)
         except Exception as exc:  # no C++ compiler, unsupported platform...
             if not _warned:
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}); using eager kernels")
+                warnings.warn(
+                    f"torch.compile failed ({type(exc).__name__}); using eager kernels",
+                    stacklevel=2,
+                )
                 _warned = True
     return dense_chunk(*args)

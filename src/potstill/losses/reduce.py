@@ -28,11 +28,22 @@ def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
 
 
+def token_weights(mask: torch.Tensor, num_target_tokens: int) -> torch.Tensor:
+    """Each token's weight in the window's mean: mask / num_target_tokens. (...) -> (...) float
+
+    The closed-form kernels scale per-token gradients by these; `normalise` is the same rule.
+    """
+    if num_target_tokens < 0:
+        raise ValueError(f"num_target_tokens must be >= 0, got {num_target_tokens}")
+    return mask.float() / max(num_target_tokens, 1)
+
+
 def normalise(per_token: torch.Tensor, mask: torch.Tensor, num_target_tokens: int) -> torch.Tensor:
     """This micro-batch's share of the window's mean loss: Σ_masked / num_target_tokens.
 
-    `num_target_tokens` counts the target tokens of the whole accumulation window (all micro-batches,
-    all processes). A window with no target tokens contributes 0 (and zero gradients), not NaN.
+    `num_target_tokens` counts the target tokens of the whole accumulation window (all
+    micro-batches, all processes). A window with no target tokens contributes 0 (and zero
+    gradients), not NaN.
     """
     if num_target_tokens < 0:
         raise ValueError(f"num_target_tokens must be >= 0, got {num_target_tokens}")
