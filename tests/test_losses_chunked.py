@@ -206,3 +206,33 @@ def test_compiled_kernels_equal_eager(name):
         grads(compiled.loss, [hidden, weight]), grads(eager.loss, [hidden, weight]), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_step_strategies_are_passed_as_their_value():
+    from potstill.losses import Fixed, Schedule
+
+    hidden, weight, _, t_hidden, t_weight, labels = inputs()
+    teacher = TeacherHidden(t_hidden, t_weight)
+    with pytest.raises(ValueError, match=r"kd_ratio=schedule\(step=step\)"):
+        chunked_kd_loss(hidden, weight, labels, teacher, kd_ratio=Schedule(0.0, 1.0, 10))
+    fixed = chunked_kd_loss(hidden, weight, labels, teacher, kd_ratio=Fixed(0.3))
+    number = chunked_kd_loss(hidden, weight, labels, teacher, kd_ratio=0.3)
+    assert fixed.loss.item() == number.loss.item() and fixed.kd_ratio_mean == pytest.approx(0.3)
+
+
+def test_bf16_student_and_teacher():
+    hidden, weight, _, t_hidden, t_weight, labels = inputs()
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    w16 = weight.detach().bfloat16().requires_grad_()
+    teacher = TeacherHidden(t_hidden.bfloat16(), t_weight.bfloat16())
+    out = chunked_kd_loss(h16, w16, labels, teacher, divergence="jsd", beta=0.5)
+    out.loss.backward()
+    assert h16.grad.dtype == torch.bfloat16 and w16.grad.dtype == torch.bfloat16
+    ref = kd_loss(
+        (h16 @ w16.T).float(),
+        labels,
+        TeacherLogits(t_hidden.bfloat16() @ t_weight.bfloat16().T),
+        divergence="jsd",
+        beta=0.5,
+    )
+    torch.testing.assert_close(out.loss.float(), ref.loss, rtol=1e-4, atol=1e-5)

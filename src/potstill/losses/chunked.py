@@ -19,11 +19,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from potstill.losses.divergences import check_finite, check_pair, check_temperature, resolve
+from potstill.losses.divergences import (
+    check_finite,
+    check_pair,
+    check_temperature,
+    resolve,
+    upcast,
+)
 from potstill.losses.fused import run_dense_chunk
 from potstill.losses.reduce import IGNORE_INDEX, count_target_tokens, normalise, token_weights
 from potstill.losses.sparse import TAILS, bucket_log_probs, check_sparse
-from potstill.losses.weighting import TeacherConfidence, mix
+from potstill.losses.weighting import Fixed, TeacherConfidence, mix
 
 Tensor = torch.Tensor
 
@@ -70,9 +76,7 @@ class KDLoss:
     """Target tokens in this batch."""
 
 
-def _chunk_teacher(
-    teacher: Teacher, start: int, end: int, dtype
-) -> tuple[str, Tensor, Tensor | None]:
+def _chunk_teacher(teacher: Teacher, start: int, end: int) -> tuple[str, Tensor, Tensor | None]:
     if isinstance(teacher, TeacherTopK):
         return "topk", teacher.ids[start:end], teacher.log_probs[start:end]
     if isinstance(teacher, TeacherHidden):
@@ -91,10 +95,9 @@ def token_losses(
     `teacher_part` is ("dense", logits (c, V), None) or ("topk", ids (c, k), log_probs (c, k)).
     """
     kind, t_main, t_log_probs = teacher_part
-    log_q1 = F.log_softmax(student_logits.float(), dim=-1)
-    log_q = (
-        log_q1 if temperature == 1.0 else F.log_softmax(student_logits.float() / temperature, -1)
-    )
+    z = upcast(student_logits)
+    log_q1 = F.log_softmax(z, dim=-1)
+    log_q = log_q1 if temperature == 1.0 else F.log_softmax(z / temperature, -1)
     safe_labels = labels.clamp(min=0).unsqueeze(-1)
     ce = -log_q1.gather(-1, safe_labels).squeeze(-1)
     if kind == "topk":
@@ -102,7 +105,7 @@ def token_losses(
         soft = core(*bucket_log_probs(log_q, t_main, t_log_probs, tail))
     else:
         check_pair(student_logits, t_main, row_offset)
-        log_p = F.log_softmax(t_main.float() / temperature, dim=-1)
+        log_p = F.log_softmax(upcast(t_main) / temperature, dim=-1)
         soft = core(log_q, log_p)
     if isinstance(kd_ratio, TeacherConfidence):
         with torch.no_grad():
@@ -114,7 +117,7 @@ def token_losses(
                     vocab_size=student_logits.shape[-1],
                 )
             else:
-                log_p1 = log_p if temperature == 1.0 else F.log_softmax(t_main.float(), dim=-1)
+                log_p1 = log_p if temperature == 1.0 else F.log_softmax(upcast(t_main), -1)
                 a = kd_ratio(teacher_log_probs=log_p1, labels=labels)
     else:
         a = torch.full_like(ce, float(kd_ratio))
@@ -125,10 +128,17 @@ def _setup(labels, divergence, params, temperature, tail, kd_ratio, num_target_t
     check_temperature(temperature)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
+    if isinstance(kd_ratio, Fixed):
+        kd_ratio = kd_ratio()
     if not isinstance(kd_ratio, TeacherConfidence):
-        kd_ratio = float(kd_ratio() if callable(kd_ratio) else kd_ratio)
+        if not isinstance(kd_ratio, int | float):
+            raise ValueError(
+                f"kd_ratio takes a number or TeacherConfidence, got {type(kd_ratio).__name__}; "
+                "evaluate step-dependent strategies in the loop: kd_ratio=schedule(step=step)"
+            )
         if not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+        kd_ratio = float(kd_ratio)
     core = resolve(divergence, params)
     if num_target_tokens is None:
         num_target_tokens = count_target_tokens(labels)
@@ -150,18 +160,17 @@ def kd_loss(
 ) -> KDLoss:
     """The plain (unchunked) loss from student logits, for any teacher. (N, V), (N,) -> KDLoss
 
-    `kd_ratio` (the α of the mix) is a float in [0, 1], a strategy from
-    `potstill.losses.weighting`, or any callable returning a float; `params` is the divergence's
-    own parameter (`beta` for jsd, `alpha` for the skew KLs). `num_target_tokens` is the count
-    over the whole accumulation window
-    (defaults to this batch's).
+    `kd_ratio` (the α of the mix) is a number in [0, 1] (for `Schedule` and `Balance`, their
+    value for this step), `Fixed`, or `TeacherConfidence` (per token). `params` is the
+    divergence's own parameter (`beta` for jsd, `alpha` for the skew KLs). `num_target_tokens`
+    is the count over the whole accumulation window (defaults to this batch's).
     """
     student_logits = student_logits.reshape(-1, student_logits.shape[-1])
     labels = labels.reshape(-1)
     core, kd_ratio, n = _setup(
         labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens
     )
-    part = _chunk_teacher(_flatten_teacher(teacher), 0, labels.shape[0], student_logits.dtype)
+    part = _chunk_teacher(_flatten_teacher(teacher), 0, labels.shape[0])
     ce, soft, a = token_losses(
         student_logits,
         labels,
@@ -258,10 +267,9 @@ class _FusedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grads = ctx.saved_tensors
-        scaled = [None if g is None or g.numel() == 0 else g for g in grads]
         if float(grad_loss) != 1.0:
-            scaled = [None if g is None else g * grad_loss for g in scaled]
-        return scaled[0], scaled[1], scaled[2], None
+            grads = [None if g is None else g * grad_loss for g in grads]
+        return grads[0], grads[1], grads[2], None
 
 
 def chunked_kd_loss(
@@ -300,7 +308,7 @@ def chunked_kd_loss(
         )
     vocab = student_weight.shape[0]
     chunk = chunk_size or default_chunk_size(vocab)
-    stats = {"ce": 0.0, "soft": 0.0, "alpha": 0.0}
+    stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
     mask = labels != ignore_index
 
     dense = not isinstance(teacher, TeacherTopK)
@@ -326,7 +334,7 @@ def chunked_kd_loss(
             logits = h @ w.T
             if has_bias:
                 logits = logits + student_bias.detach()
-            part = _chunk_teacher(teacher, start, end, w.dtype)
+            part = _chunk_teacher(teacher, start, end)
             if dense:
                 chunk_loss, g, ce, soft, a = _dense_step(
                     logits,
@@ -359,14 +367,13 @@ def chunked_kd_loss(
             total += chunk_loss.detach()
             stats["ce"] += float(ce.detach()[m].sum())
             stats["soft"] += float(soft.detach()[m].sum())
-            stats["alpha"] += float(a[m].sum())
-            g = g.to(w.dtype)
+            stats["kd_ratio"] += float(a[m].sum())
             if grad_h is not None:
-                grad_h[start:end] = g @ w
-            if grad_w is not None:
-                grad_w.addmm_(g.T.float(), h.float())
+                grad_h[start:end] = g.to(w.dtype) @ w
+            if grad_w is not None:  # accumulated in float32 whatever the weights' dtype
+                grad_w.addmm_(g.T, h.float())
             if grad_b is not None:
-                grad_b += g.float().sum(0)
+                grad_b += g.sum(0)
         return (
             total,
             grad_h.reshape(student_hidden.shape) if grad_h is not None else None,
@@ -377,5 +384,9 @@ def chunked_kd_loss(
     loss = _FusedKD.apply(student_hidden, student_weight, student_bias, compute)
     tokens = int(mask.sum())
     return KDLoss(
-        loss, stats["ce"], stats["soft"], stats["alpha"] / tokens if tokens else math.nan, tokens
+        loss,
+        stats["ce"],
+        stats["soft"],
+        stats["kd_ratio"] / tokens if tokens else math.nan,
+        tokens,
     )
