@@ -127,6 +127,19 @@ class RunDir:
             self.save()
             self.logger.info("%s took %.1f s", stage, seconds)
 
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Record how the attempt ended: completed, interrupted (Ctrl-C, SIGTERM) or failed."""
+        if exc_type is None:
+            self.finish("completed")
+        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+            self.finish("interrupted")
+        else:
+            self.finish("failed")
+            self.logger.error("failed: %s: %s", exc_type.__name__, exc)
+
     def finish(self, status: str = "completed") -> None:
         self.manifest["attempts"][-1].update(status=status, finished=_now())
         self.save()

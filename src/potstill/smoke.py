@@ -16,6 +16,7 @@ from rich.table import Table
 
 from potstill.curate.verifiers import extract_answer, verify
 from potstill.data import ShardWriter, read_records, read_shards
+from potstill.errors import ConfigError
 from potstill.kit import KIT, kit_status
 from potstill.models import load_model, load_tokenizer, resolve_model_path
 from potstill.prompts import load_prompt
@@ -27,6 +28,12 @@ from potstill.teacher.generate import chat_prompt, hf_generate
 def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     # Validate data and model before the run directory exists: bad input must leave nothing behind.
+    if cfg.generation.num_samples != 1:
+        raise ConfigError(
+            f"generation.num_samples: the smoke run answers each question once, got "
+            f"{cfg.generation.num_samples}; set it to 1"
+        )
+    system_prompt = load_prompt(cfg.generation.system_prompt or "step_by_step")
     records = read_records(cfg.data.source, limit=cfg.data.limit)
     console.print(f"[bold]{len(records)}[/] records from {cfg.data.source}")
     if cfg.model.name in KIT and kit_status(cfg.model.name) != "ready":
@@ -34,7 +41,14 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
             f"preparing offline model [bold]{cfg.model.name}[/] (once, a few minutes) ..."
         )
     resolve_model_path(cfg.model.name)
-    run = RunDir(cfg.run.output_dir, command="quickstart", config=cfg, inputs=[cfg.data.source])
+    with RunDir(
+        cfg.run.output_dir, command="quickstart", config=cfg, inputs=[cfg.data.source]
+    ) as run:
+        return _answer_all(cfg, run, records, system_prompt, console)
+
+
+def _answer_all(cfg, run, records, system_prompt, console) -> dict:
+    """Answer every record not answered yet, score it, write it; then summarise the run."""
     with run.timed("load_model"):
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
         model = load_model(
@@ -43,7 +57,6 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
             device=cfg.model.device,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-    system_prompt = load_prompt(cfg.generation.system_prompt or "step_by_step")
     gen = cfg.generation
     answers_dir = run.path / "answers"
     with ShardWriter(answers_dir, shard_size=gen.batch_size) as writer:
@@ -108,7 +121,6 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
     }
     run.count(**summary)
     run.manifest["timings"]["generate"] = round(elapsed, 3)
-    run.finish()
     _print_table(console, answered[:10], summary, cfg.model.name)
     return summary
 
