@@ -4,7 +4,7 @@
     potstill models prepare qwen2.5-coder-0.5b-instruct
     potstill data check data.jsonl
     potstill config show sft
-    potstill quickstart --set data.limit=8
+    potstill quickstart --set data.limit=4 --set run.output_dir=runs/q4
 
 Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 for a traceback.
 """

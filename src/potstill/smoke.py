@@ -1,6 +1,6 @@
 """The main job until the full quickstart lands: a real-model smoke run.
 
-    potstill quickstart [--config configs/quickstart.yaml] [--set data.limit=8]
+    potstill quickstart [--config configs/quickstart.yaml] [--set run.output_dir=runs/q4 ...]
 
 Prepares an offline model, answers verifiable questions with it, scores each answer with the
 task's verifier, and writes everything to a resumable run directory.
