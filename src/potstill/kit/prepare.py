@@ -184,6 +184,7 @@ def _remove_leftovers(model: KitModel) -> None:
     """Temporary files of a killed earlier attempt (safe: we hold this model's lock)."""
     patterns = [
         (cache_dir("tmp"), f".{model.gguf_name}.partial-*"),
+        (cache_dir("tmp"), model.gguf_name),  # assembled, then killed before conversion ended
         (cache_dir("models"), f".{model.name}.tmp-*"),
         (cache_dir("models"), f".{model.name}.old-*"),
         *((cache_dir("downloads"), f".tmp-{p.package}-{p.version}-*") for p in model.parts),
