@@ -166,7 +166,8 @@ def read_records(spec: str | Path, *, limit: int | None = None) -> list[dict]:
         if limit is not None and len(records) >= limit:
             break
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        extra = len(problems) - 1
+        more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
         raise DataError(problems[0] + more, problems)
     if not records:
         raise DataError(f"{spec}: empty dataset, no records found; check the source")
