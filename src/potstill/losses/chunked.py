@@ -307,7 +307,7 @@ def chunked_kd_loss(
             f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels; align them"
         )
     vocab = student_weight.shape[0]
-    chunk = chunk_size or default_chunk_size(vocab)
+    chunk = max(1, min(chunk_size or default_chunk_size(vocab), hidden.shape[0]))
     stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
     mask = labels != ignore_index
 
