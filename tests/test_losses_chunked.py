@@ -14,6 +14,7 @@ from potstill.losses import (
     TeacherTopK,
     chunked_kd_loss,
     count_target_tokens,
+    fused,
     kd_loss,
 )
 
@@ -202,8 +203,10 @@ def test_compiled_kernels_equal_eager(name):
     )
     teacher = TeacherHidden(t_hidden, t_weight)
     eager = chunked_kd_loss(hidden, weight, labels, teacher, compile=False, **kwargs)
+    fused._warned = False
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed compile falls back with a warning: fail instead
+        # A failed compile falls back to eager with a warning: make that a failure here.
+        warnings.filterwarnings("error", message="torch.compile failed")
         compiled = chunked_kd_loss(hidden, weight, labels, teacher, compile=True, **kwargs)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(
