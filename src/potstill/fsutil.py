@@ -68,6 +68,3 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
