@@ -116,9 +116,11 @@ def _answer_all(cfg, run, records, system_prompt, console) -> dict:
         "records": len(answered),
         "correct": correct,
         "accuracy": correct / len(answered),
+        "completion_tokens": sum(r["completion_tokens"] for r in answered),
         "new_tokens": new_tokens,
-        "tokens_per_s": round(new_tokens / elapsed, 2) if new_tokens else None,
     }
+    if new_tokens:  # a resumed run with nothing left to do keeps the earlier speed
+        summary["tokens_per_s"] = round(new_tokens / elapsed, 2)
     run.count(**summary)
     run.manifest["timings"]["generate"] = round(elapsed, 3)
     _print_table(console, answered[:10], summary, cfg.model.name)
