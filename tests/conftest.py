@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+DIVERGENCE_PARAMS = {
+    "jsd": {"beta": 0.3},
+    "skew_forward_kl": {"alpha": 0.2},
+    "skew_reverse_kl": {"alpha": 0.2},
+}
+"""A non-trivial parameter for each divergence that takes one (loss tests)."""
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

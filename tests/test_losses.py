@@ -22,11 +22,7 @@ from potstill.losses import (
     tvd,
 )
 
-PARAMS = {
-    "jsd": {"beta": 0.3},
-    "skew_forward_kl": {"alpha": 0.2},
-    "skew_reverse_kl": {"alpha": 0.2},
-}
+from .conftest import DIVERGENCE_PARAMS as PARAMS
 
 
 def logits_pair(shape=(3, 5, 11), seed=0, scale=3.0):

@@ -18,11 +18,8 @@ from potstill.losses import (
     kd_loss,
 )
 
-PARAMS = {
-    "jsd": {"beta": 0.3},
-    "skew_forward_kl": {"alpha": 0.2},
-    "skew_reverse_kl": {"alpha": 0.2},
-}
+from .conftest import DIVERGENCE_PARAMS as PARAMS
+
 N, H, HT, V = 45, 16, 12, 64
 
 
@@ -203,7 +200,7 @@ def test_compiled_kernels_equal_eager(name):
     )
     teacher = TeacherHidden(t_hidden, t_weight)
     eager = chunked_kd_loss(hidden, weight, labels, teacher, compile=False, **kwargs)
-    fused._warned = False
+    fused._compile_failed = False
     with warnings.catch_warnings():
         # A failed compile falls back to eager with a warning: make that a failure here.
         warnings.filterwarnings("error", message="torch.compile failed")
@@ -243,3 +240,18 @@ def test_bf16_student_and_teacher():
         beta=0.5,
     )
     torch.testing.assert_close(out.loss.float(), ref.loss, rtol=1e-4, atol=1e-5)
+
+
+def test_custom_ignore_index_is_honoured_everywhere():
+    """The default token count must use the caller's ignore_index, not -100."""
+    hidden, weight, _, t_hidden, t_weight, labels = inputs()
+    custom = torch.where(labels == -100, torch.full_like(labels, -1), labels)
+    teacher = TeacherHidden(t_hidden, t_weight)
+    want = chunked_kd_loss(hidden, weight, labels, teacher)
+    got = chunked_kd_loss(hidden, weight, custom, teacher, ignore_index=-1)
+    assert got.tokens == want.tokens == 41
+    torch.testing.assert_close(got.loss, want.loss)
+    plain = kd_loss(
+        hidden @ weight.T, custom, TeacherLogits(t_hidden @ t_weight.T), ignore_index=-1
+    )
+    torch.testing.assert_close(plain.loss, want.loss, rtol=1e-5, atol=1e-6)

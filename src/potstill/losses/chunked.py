@@ -27,8 +27,14 @@ from potstill.losses.divergences import (
     upcast,
 )
 from potstill.losses.fused import run_dense_chunk
-from potstill.losses.reduce import IGNORE_INDEX, count_target_tokens, normalise, token_weights
-from potstill.losses.sparse import TAILS, bucket_log_probs, check_sparse
+from potstill.losses.reduce import (
+    IGNORE_INDEX,
+    count_target_tokens,
+    normalise,
+    target_mask,
+    token_weights,
+)
+from potstill.losses.sparse import bucket_log_probs, check_sparse, check_tail
 from potstill.losses.weighting import Fixed, TeacherConfidence, mix
 
 Tensor = torch.Tensor
@@ -107,27 +113,53 @@ def token_losses(
         check_pair(student_logits, t_main, row_offset)
         log_p = F.log_softmax(upcast(t_main) / temperature, dim=-1)
         soft = core(log_q, log_p)
-    if isinstance(kd_ratio, TeacherConfidence):
-        with torch.no_grad():
-            if kind == "topk":
-                a = kd_ratio(
-                    teacher_log_probs=t_log_probs,
-                    labels=labels,
-                    teacher_ids=t_main,
-                    vocab_size=student_logits.shape[-1],
-                )
-            else:
-                log_p1 = log_p if temperature == 1.0 else F.log_softmax(upcast(t_main), -1)
-                a = kd_ratio(teacher_log_probs=log_p1, labels=labels)
+    if kind == "topk":
+        a = _token_kd_ratio(
+            kd_ratio,
+            labels,
+            teacher_ids=t_main,
+            teacher_log_probs=t_log_probs,
+            vocab_size=student_logits.shape[-1],
+        )
     else:
-        a = torch.full_like(ce, float(kd_ratio))
+        a = _token_kd_ratio(
+            kd_ratio, labels, teacher_logits=t_main, log_p=log_p if temperature == 1.0 else None
+        )
     return ce, soft, a
 
 
-def _setup(labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens):
+@torch.no_grad()
+def _token_kd_ratio(
+    kd_ratio,
+    labels,
+    *,
+    teacher_logits=None,
+    log_p=None,
+    teacher_ids=None,
+    teacher_log_probs=None,
+    vocab_size=None,
+):
+    """kd_ratio per token (c,): the number itself, or TeacherConfidence from the teacher at T = 1
+    (dense: its logits, or `log_p` when already at T = 1; sparse: its top-k ids and log-probs)."""
+    if not isinstance(kd_ratio, TeacherConfidence):
+        return torch.full(labels.shape, kd_ratio)
+    if teacher_ids is not None:
+        return kd_ratio(
+            teacher_log_probs=teacher_log_probs,
+            labels=labels,
+            teacher_ids=teacher_ids,
+            vocab_size=vocab_size,
+        )
+    if log_p is None:
+        log_p = F.log_softmax(upcast(teacher_logits), -1)
+    return kd_ratio(teacher_log_probs=log_p, labels=labels)
+
+
+def _setup(
+    labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
+):
     check_temperature(temperature)
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
+    check_tail(tail)
     if isinstance(kd_ratio, Fixed):
         kd_ratio = kd_ratio()
     if not isinstance(kd_ratio, TeacherConfidence):
@@ -141,7 +173,7 @@ def _setup(labels, divergence, params, temperature, tail, kd_ratio, num_target_t
         kd_ratio = float(kd_ratio)
     core = resolve(divergence, params)
     if num_target_tokens is None:
-        num_target_tokens = count_target_tokens(labels)
+        num_target_tokens = count_target_tokens(labels, ignore_index)
     return core, kd_ratio, int(num_target_tokens)
 
 
@@ -168,7 +200,7 @@ def kd_loss(
     student_logits = student_logits.reshape(-1, student_logits.shape[-1])
     labels = labels.reshape(-1)
     core, kd_ratio, n = _setup(
-        labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens
+        labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
     )
     part = _chunk_teacher(_flatten_teacher(teacher), 0, labels.shape[0])
     ce, soft, a = token_losses(
@@ -180,7 +212,7 @@ def kd_loss(
         tail=tail,
         kd_ratio=kd_ratio,
     )
-    mask = labels != ignore_index
+    mask = target_mask(labels, ignore_index)
     return KDLoss(
         loss=normalise(mix(ce, soft, a, temperature), mask, n),
         ce_sum=float(ce.detach()[mask].sum()),
@@ -223,10 +255,7 @@ def _dense_step(
     logits, t_logits, labels, mask, n, divergence, param, temperature, kd_ratio, row_offset, pad_to
 ):
     """One chunk through the closed-form kernel: loss, ∂loss/∂logits and the per-token parts."""
-    if isinstance(kd_ratio, TeacherConfidence):
-        a = kd_ratio(teacher_log_probs=F.log_softmax(t_logits.float(), -1), labels=labels)
-    else:
-        a = torch.full(labels.shape, float(kd_ratio))
+    a = _token_kd_ratio(kd_ratio, labels, teacher_logits=t_logits)
     weight = token_weights(mask, n)
     w_ce, w_soft = (weight * (1.0 - a)).unsqueeze(-1), (weight * a).unsqueeze(-1)
     safe_labels = labels.clamp(min=0)
@@ -300,7 +329,7 @@ def chunked_kd_loss(
     labels = labels.reshape(-1)
     teacher = _flatten_teacher(teacher)
     core, kd_ratio, n = _setup(
-        labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens
+        labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
     )
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(
@@ -309,14 +338,14 @@ def chunked_kd_loss(
     vocab = student_weight.shape[0]
     chunk = max(1, min(chunk_size or default_chunk_size(vocab), hidden.shape[0]))
     stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
-    mask = labels != ignore_index
+    mask = target_mask(labels, ignore_index)
 
     dense = not isinstance(teacher, TeacherTopK)
     if dense:
         _check_dense_teacher(teacher, hidden.shape[0], vocab)
     if compile is None:
         compile = chunk * vocab >= 1 << 22
-    param = float(params.get("beta", params.get("alpha", 0.0)))
+    param = float(next(iter(params.values()), 0.0))  # resolve() allowed at most the one it takes
 
     def compute(needs_grad):
         h_all, w = hidden.detach(), student_weight.detach()

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from potstill.losses.divergences import upcast
+
 Tensor = torch.Tensor
 LOG_FLOOR = -1e4
 """log of an exactly-zero mixture; any finite value works (it only ever multiplies a zero)."""
@@ -37,17 +39,17 @@ def _chain(q: Tensor, g: Tensor) -> Tensor:
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 
-def _forward_kl(log_q, q, log_p, p):
+def _forward_kl(log_q, q, log_p, p, param: float = 0.0):
     return (p * (log_p - log_q)).sum(-1), q - p
 
 
-def _reverse_kl(log_q, q, log_p, p):
+def _reverse_kl(log_q, q, log_p, p, param: float = 0.0):
     diff = log_q - log_p
     value = (q * diff).sum(-1, keepdim=True)
     return value.squeeze(-1), q * (diff - value)
 
 
-def _jsd(log_q, q, log_p, p, beta: float):
+def _jsd(log_q, q, log_p, p, beta: float = 0.5):
     log_m = _log(beta * p + (1.0 - beta) * q)
     diff_q = log_q - log_m
     kl_q = (q * diff_q).sum(-1, keepdim=True)
@@ -69,10 +71,12 @@ def _skew_reverse_kl(log_q, q, log_p, p, alpha: float):
     return value, _chain(q, diff - alpha * (q / r.clamp(min=1e-38)))
 
 
-def _tvd(log_q, q, log_p, p):
+def _tvd(log_q, q, log_p, p, param: float = 0.0):
     return 0.5 * (p - q).abs().sum(-1), _chain(q, 0.5 * torch.sign(q - p))
 
 
+# Each kernel: (log_q, q, log_p, p, param) -> (value (c,), ∂D/∂s (c, V)); param is β or α where
+# the divergence takes one, ignored otherwise.
 DIVERGENCE_KERNELS = {
     "forward_kl": _forward_kl,
     "reverse_kl": _reverse_kl,
@@ -98,8 +102,8 @@ def dense_chunk(
     Returns ce (c,), soft (c,), grad (c, V) — the gradient *without* the −w_ce onehot term, which
     the caller scatters in — and a per-row "teacher finite" flag (c,).
     """
-    z = student_logits.float()
-    t = teacher_logits.float()
+    z = upcast(student_logits)
+    t = upcast(teacher_logits)
     log_q1 = torch.log_softmax(z, -1)
     q1 = log_q1.exp()
     if temperature == 1.0:
@@ -109,11 +113,7 @@ def dense_chunk(
         q = log_q.exp()
     log_p = torch.log_softmax(t / temperature, -1)
     p = log_p.exp()
-    kernel = DIVERGENCE_KERNELS[divergence]
-    if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl"):
-        soft, grad_s = kernel(log_q, q, log_p, p, param)
-    else:
-        soft, grad_s = kernel(log_q, q, log_p, p)
+    soft, grad_s = DIVERGENCE_KERNELS[divergence](log_q, q, log_p, p, param)
     ce = -log_q1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     grad = w_ce * q1 + (w_soft * temperature) * grad_s
     finite = torch.isfinite(t).all(-1)
@@ -126,20 +126,19 @@ def compiled_dense_chunk():
     return torch.compile(dense_chunk, dynamic=False)
 
 
-_warned = False
+_compile_failed = False
 
 
 def run_dense_chunk(*args, compile: bool):
-    """Run the kernel, compiled if asked; if compiling fails, warn once and run it eagerly."""
-    global _warned
-    if compile:
+    """Run the kernel, compiled if asked. If compiling fails (no C++ compiler, unsupported
+    platform), warn once and stay eager for the rest of the process rather than retry per chunk."""
+    global _compile_failed
+    if compile and not _compile_failed:
         try:
             return compiled_dense_chunk()(*args)
-        except Exception as exc:  # no C++ compiler, unsupported platform...
-            if not _warned:
-                warnings.warn(
-                    f"torch.compile failed ({type(exc).__name__}); using eager kernels",
-                    stacklevel=2,
-                )
-                _warned = True
+        except Exception as exc:
+            _compile_failed = True
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}); using eager kernels", stacklevel=2
+            )
     return dense_chunk(*args)

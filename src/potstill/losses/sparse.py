@@ -21,10 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from potstill.losses.divergences import check_finite, check_temperature, resolve
+from potstill.losses.divergences import check_finite, check_temperature, resolve, upcast
 
 Tensor = torch.Tensor
 TAILS = ("bucket", "renormalise")
+
+
+def check_tail(tail: str) -> None:
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
 
 
 def check_sparse(
@@ -60,7 +65,7 @@ def bucket_log_probs(
     log_q: (..., V) student log-probs; teacher_ids, teacher_log_probs: (..., k) -> two (..., k[+1])
     """
     student_top = log_q.gather(-1, teacher_ids)
-    teacher_top = teacher_log_probs.float()
+    teacher_top = upcast(teacher_log_probs)
     if tail == "renormalise":
         return (
             student_top - student_top.logsumexp(-1, keepdim=True),
@@ -92,9 +97,8 @@ def sparse_divergence(
     `divergence` is any of `potstill.losses.DIVERGENCES` and `params` its parameter (beta, alpha).
     """
     check_temperature(temperature)
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {', '.join(TAILS)}, got {tail!r}")
+    check_tail(tail)
     core = resolve(divergence, params)
     check_sparse(student_logits, teacher_ids, teacher_log_probs)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
     return core(*bucket_log_probs(log_q, teacher_ids, teacher_log_probs, tail))
