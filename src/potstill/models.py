@@ -10,6 +10,7 @@ A *spec* is any of:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -60,6 +61,17 @@ def resolve_model_path(spec: str | Path) -> str:
 
 def _converted_gguf(path: Path) -> Path:
     """The cached plain directory for a user's GGUF file, converted on first use."""
+    stat = path.resolve().stat()
+    target = _converted_gguf_for(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    if not is_converted(target):  # the cache folder was removed since: convert again
+        _converted_gguf_for.cache_clear()
+        target = _converted_gguf_for(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    return target
+
+
+@functools.lru_cache(maxsize=16)
+def _converted_gguf_for(path: Path, size: int, mtime_ns: int) -> Path:
+    # Keyed on size and mtime so load_tokenizer + load_model hash a multi-GB file once, not twice.
     check_gguf(path)  # before hashing or locking: a bad file must leave no trace in the cache
     digest = sha256_file(path)
     target = cache_dir("converted") / f"{path.stem}-{digest[:16]}"
