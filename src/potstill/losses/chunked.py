@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from potstill.losses.divergences import (
     check_finite,
     check_pair,
+    check_shapes,
     check_temperature,
     resolve,
     upcast,
@@ -240,15 +241,7 @@ def _check_dense_teacher(teacher, rows: int, vocab: int) -> None:
         shape = tuple(teacher.logits.shape)
     else:
         shape = (teacher.hidden.shape[0], teacher.weight.shape[0])
-    if shape != (rows, vocab):
-        hint = (
-            "the vocabularies differ: distil only between models that share a tokenizer"
-            if shape[0] == rows
-            else "align the teacher's and student's tokens (same batch, same sequence positions)"
-        )
-        raise ValueError(
-            f"student logits {(rows, vocab)} and teacher logits {shape} differ in shape; {hint}"
-        )
+    check_shapes((rows, vocab), shape)
 
 
 def _dense_step(

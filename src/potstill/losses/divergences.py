@@ -44,15 +44,21 @@ def check_pair(student_logits: Tensor, teacher_logits: Tensor, row_offset: int =
 
     `row_offset` is added to the first index in messages (for chunks of a larger tensor).
     """
-    if student_logits.shape != teacher_logits.shape:
-        s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
+    check_shapes(tuple(student_logits.shape), tuple(teacher_logits.shape))
+    check_finite(teacher_logits, "teacher logits", row_offset)
+
+
+def check_shapes(student: tuple, teacher: tuple) -> None:
+    """Student and teacher logits (or their shapes to come) must match, vocabulary included."""
+    if student != teacher:
         hint = (
             "the vocabularies differ: distil only between models that share a tokenizer"
-            if s[:-1] == t[:-1]
+            if student[:-1] == teacher[:-1]
             else "align the teacher's and student's tokens (same batch, same sequence positions)"
         )
-        raise ValueError(f"student logits {s} and teacher logits {t} differ in shape; {hint}")
-    check_finite(teacher_logits, "teacher logits", row_offset)
+        raise ValueError(
+            f"student logits {student} and teacher logits {teacher} differ in shape; {hint}"
+        )
 
 
 def check_finite(values: Tensor, name: str, row_offset: int = 0) -> None:
