@@ -14,6 +14,7 @@ chunked kernel (`_chunked_divergence_loss`, what its DistillationTrainer runs); 
 bare matmuls this loss needs (student forward, both gradient matmuls, teacher forward).
 
 Ends with `RESULT mem_ratio=… time_ratio=… chunked_mem_ratio=… chunked_time_ratio=… floor_ratio=…
+compile_speedup=… (eager kernels / compiled)
 max_rel_err=…`.
 """
 
@@ -36,6 +37,7 @@ CASES = {
     "ours_logits_jsd": "potstill chunked, teacher logits, JSD(0.5)",
     "trl_chunked_jsd": "TRL chunked kernel, teacher hidden, JSD(0.5)",
     "ours_hidden_jsd": "potstill chunked, teacher hidden, JSD(0.5)",
+    "ours_hidden_jsd_eager": "potstill chunked, teacher hidden, JSD(0.5), no torch.compile",
     "floor_online": "bare matmuls: student fwd + 2 grads + teacher fwd",
 }
 
@@ -94,7 +96,7 @@ def run_case(name: str, n: int, h: int, v: int, repeats: int, grads_out: str) ->
                 kd_ratio=1.0,
                 **params,
             ).loss
-        elif name == "ours_hidden_jsd":
+        elif name.startswith("ours_hidden_jsd"):
             loss = chunked_kd_loss(
                 student_hidden,
                 student_weight,
@@ -103,6 +105,7 @@ def run_case(name: str, n: int, h: int, v: int, repeats: int, grads_out: str) ->
                 divergence="jsd",
                 beta=0.5,
                 kd_ratio=1.0,
+                compile=not name.endswith("eager"),
             ).loss
         elif name == "trl_chunked_jsd":
             mask = torch.ones(1, n, dtype=torch.long)
@@ -220,37 +223,42 @@ def main() -> None:
             if os.path.exists(out):
                 grads[name] = load_file(out)
             r = results[name]
-            print(f"{label:55s} {r['time_s']:8.2f} s {r['peak_mib']:9.0f} MiB", flush=True)
+            print(f"{label:62s} {r['time_s']:8.2f} s {r['peak_mib']:9.0f} MiB", flush=True)
 
-    if args.only:
-        return
     errs = {}
     for ours, ref in (
         ("ours_logits_fkl", "plain_fkl"),
         ("ours_logits_jsd", "plain_jsd"),
         ("ours_hidden_jsd", "plain_jsd"),
+        ("ours_hidden_jsd_eager", "plain_jsd"),
         ("trl_gkd_jsd", "plain_jsd"),
     ):
+        if ours not in grads or ref not in grads:
+            continue
         loss_err = abs(results[ours]["loss"] - results[ref]["loss"]) / abs(results[ref]["loss"])
         g_err = max(rel_err(grads[ours][k], grads[ref][k]) for k in grads[ref])
         errs[ours] = max(loss_err, g_err)
         print(f"relative error {ours} vs {ref}: loss {loss_err:.2e}, gradients {g_err:.2e}")
 
-    def ratio(a, b, key):
-        return results[a][key] / results[b][key]
-
+    # (key, ours, peer, measure): a figure is printed when both cases ran (see --only).
+    pairs = [
+        ("mem_ratio", "ours_logits_jsd", "trl_gkd_jsd", "peak_mib"),
+        ("time_ratio", "ours_logits_jsd", "trl_gkd_jsd", "time_s"),
+        ("plain_mem_ratio", "ours_logits_jsd", "plain_jsd", "peak_mib"),
+        ("plain_time_ratio", "ours_logits_jsd", "plain_jsd", "time_s"),
+        ("chunked_mem_ratio", "ours_hidden_jsd", "trl_chunked_jsd", "peak_mib"),
+        ("chunked_time_ratio", "ours_hidden_jsd", "trl_chunked_jsd", "time_s"),
+        ("floor_ratio", "ours_hidden_jsd", "floor_online", "time_s"),
+        ("compile_speedup", "ours_hidden_jsd_eager", "ours_hidden_jsd", "time_s"),
+    ]
     figures = {
-        "mem_ratio": ratio("ours_logits_jsd", "trl_gkd_jsd", "peak_mib"),
-        "time_ratio": ratio("ours_logits_jsd", "trl_gkd_jsd", "time_s"),
-        "plain_mem_ratio": ratio("ours_logits_jsd", "plain_jsd", "peak_mib"),
-        "plain_time_ratio": ratio("ours_logits_jsd", "plain_jsd", "time_s"),
-        "chunked_mem_ratio": ratio("ours_hidden_jsd", "trl_chunked_jsd", "peak_mib"),
-        "chunked_time_ratio": ratio("ours_hidden_jsd", "trl_chunked_jsd", "time_s"),
-        "floor_ratio": ratio("ours_hidden_jsd", "floor_online", "time_s"),
-        "max_rel_err": max(
-            errs[k] for k in ("ours_logits_fkl", "ours_logits_jsd", "ours_hidden_jsd")
-        ),
+        key: results[a][measure] / results[b][measure]
+        for key, a, b, measure in pairs
+        if a in results and b in results
     }
+    ours_errs = [v for k, v in errs.items() if k.startswith("ours")]
+    if ours_errs:
+        figures["max_rel_err"] = max(ours_errs)
     print(f"shape N={args.n} H={args.h} V={args.v}, fp32, {os.cpu_count()} cores")
     print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in figures.items()))
 

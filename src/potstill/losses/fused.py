@@ -14,7 +14,8 @@ With s = z/T, q = softmax(s), p = softmax(t/T) and g = ∂D/∂q, the softmax ch
 The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so
 ∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
 `compile=True` runs the kernel through `torch.compile`, which fuses these elementwise passes into a
-few loops (about 4× faster on CPU); the eager kernel computes the same thing.
+few loops: the whole loss ran 1.9× faster and in half the memory (benchmarks/kd_loss.py,
+`compile_speedup`, Qwen sizes, 2 CPU cores); the eager kernel computes the same thing.
 """
 
 from __future__ import annotations
