@@ -111,12 +111,14 @@ def test_cli_model_errors(tmp_path):
 
 
 def test_generate_is_batch_invariant(tiny_model_dir):
-    from potstill.teacher.generate import chat_prompt, hf_generate
+    from potstill.teacher.backends import Sampling, complete
+    from potstill.teacher.hf_backend import HFBackend
 
     tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir, device="cpu")
-    prompts = [chat_prompt(tokenizer, q) for q in ("What is 2?", "Calculate 5 - 3 - 6 please now.")]
-    alone = [hf_generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
-    together = hf_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=2)
+    questions = ("What is 2?", "Calculate 5 - 3 - 6 please now.")
+    greedy = Sampling(max_new_tokens=8)
+    alone = [complete(HFBackend(model, tokenizer, batch_size=1), [q], greedy)[0] for q in questions]
+    together = complete(HFBackend(model, tokenizer, batch_size=2), questions, greedy)
     assert [g.text for g in alone] == [g.text for g in together]
     assert all(g.completion_tokens <= 8 for g in together)
     assert {g.finish_reason for g in together} <= {"stop", "length"}

@@ -6,7 +6,8 @@ import torch
 from potstill.errors import ModelError
 from potstill.kit import KIT, fetch_gguf, kit_status, prepare
 from potstill.models import check_same_vocab, load_model, load_tokenizer
-from potstill.teacher.generate import chat_prompt, hf_generate
+from potstill.teacher.backends import Sampling, complete
+from potstill.teacher.hf_backend import HFBackend
 
 pytestmark = pytest.mark.slow
 
@@ -20,12 +21,8 @@ def test_smollm2_prepares_loads_tokenises_and_generates():
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     ids = tokenizer("The capital of France is")["input_ids"]
     assert tokenizer.decode(ids) == "The capital of France is"
-    out = hf_generate(
-        model,
-        tokenizer,
-        [chat_prompt(tokenizer, "What is the capital of France?")],
-        max_new_tokens=12,
-    )[0]
+    backend = HFBackend(model, tokenizer)
+    out = complete(backend, ["What is the capital of France?"], Sampling(max_new_tokens=12))[0]
     assert "Paris" in out.text
     with pytest.raises(ModelError, match="tokenizers differ"):
         check_same_vocab(load_tokenizer("qwen2.5-coder-0.5b-instruct"), tokenizer)
@@ -34,9 +31,7 @@ def test_smollm2_prepares_loads_tokenises_and_generates():
 def test_qwen_05b_answers_17_plus_25():
     tokenizer = load_tokenizer("qwen2.5-coder-0.5b-instruct")
     model = load_model("qwen2.5-coder-0.5b-instruct", device="cpu")
-    out = hf_generate(
-        model, tokenizer, [chat_prompt(tokenizer, "What is 17+25?")], max_new_tokens=24
-    )
+    out = complete(HFBackend(model, tokenizer), ["What is 17+25?"], Sampling(max_new_tokens=24))
     assert "42" in out[0].text
 
 

@@ -35,7 +35,7 @@ def test_smoke_run_writes_a_complete_run_directory_and_resumes(tiny_model_dir, t
     assert manifest["versions"]["torch"].startswith("2.")
     assert manifest["attempts"][0]["status"] == "completed"
     records = list(read_shards(out / "answers"))
-    assert sorted(r["id"] for r in records) == [f"rg-basic_arithmetic-s3-{i}" for i in range(5)]
+    assert sorted(r["id"] for r in records) == [f"rg-basic_arithmetic-s3-{i}#0" for i in range(5)]
     assert all(
         isinstance(r["verified"], bool) and r["teacher"]["max_new_tokens"] == 4 for r in records
     )

@@ -70,7 +70,12 @@ class GenerationConfig:
     seed: int = 0
     """Base seed; each sample derives its own from it."""
     system_prompt: str | None = None
-    """Path to a text file with the system prompt (kept out of YAML on purpose)."""
+    """Bundled prompt name or path to a text file (prompts are kept out of YAML on purpose)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a completion ends before the first one."""
+    max_prompt_tokens: int | None = None
+    """Skip (and record) prompts longer than this; default: the model's context minus
+    max_new_tokens."""
 
     def __post_init__(self):
         check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
@@ -78,6 +83,65 @@ class GenerationConfig:
         check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         check(self.num_samples > 0, f"num_samples: must be > 0, got {self.num_samples}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+        check(
+            self.max_prompt_tokens is None or self.max_prompt_tokens > 0,
+            f"max_prompt_tokens: must be > 0, got {self.max_prompt_tokens}",
+        )
+
+
+@dataclass
+class OpenAIEndpointConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """The endpoint's base URL (a `vllm serve`, `potstill serve`, or an API provider)."""
+    model: str | None = None
+    """Model name the server knows; default: model.name."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (never the key itself); null = no auth."""
+    concurrency: int = 8
+    """Requests in flight at once."""
+    timeout: float = 300.0
+    """Seconds per request before it is retried."""
+    max_retries: int = 6
+    """Tries after the first on 429, 5xx, timeouts and connection errors (exponential backoff)."""
+
+    def __post_init__(self):
+        check(
+            self.base_url.startswith(("http://", "https://")),
+            f"base_url: must start with http:// or https://, got {self.base_url!r}",
+        )
+        check(self.concurrency > 0, f"concurrency: must be > 0, got {self.concurrency}")
+        check(self.timeout > 0, f"timeout: must be > 0, got {self.timeout}")
+        check(self.max_retries >= 0, f"max_retries: must be >= 0, got {self.max_retries}")
+
+
+@dataclass
+class VLLMConfig:
+    tensor_parallel_size: int = 1
+    """GPUs one model is split over."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory vLLM may take."""
+    max_model_len: int | None = None
+    """Context length (default: the model's)."""
+
+    def __post_init__(self):
+        check(
+            self.tensor_parallel_size > 0,
+            f"tensor_parallel_size: must be > 0, got {self.tensor_parallel_size}",
+        )
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+
+
+@dataclass
+class BackendConfig:
+    kind: Literal["hf", "vllm", "openai"] = "hf"
+    """hf: transformers generate (CPU or GPU); vllm: vLLM engine (GPU); openai: an HTTP endpoint."""
+    openai: OpenAIEndpointConfig = field(default_factory=OpenAIEndpointConfig)
+    """Settings of the openai backend."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vllm backend."""
 
 
 @dataclass
@@ -160,4 +224,25 @@ class SFTConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
 
 
-STAGE_CONFIGS: dict[str, type] = {"quickstart": QuickstartConfig, "sft": SFTConfig}
+@dataclass
+class GenerateConfig:
+    """Teacher generation: N samples per record, written as resumable shards."""
+
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
+    )
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(
+            max_new_tokens=512, system_prompt="step_by_step"
+        )
+    )
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/generate"))
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "quickstart": QuickstartConfig,
+    "generate": GenerateConfig,
+    "sft": SFTConfig,
+}

@@ -11,18 +11,24 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from potstill.curate.verifiers import extract_answer, verify
 from potstill.data import ShardWriter, read_records, read_shards
 from potstill.errors import ConfigError
 from potstill.kit import KIT, kit_status
-from potstill.models import load_model, load_tokenizer, resolve_model_path
+from potstill.models import resolve_model_path
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
-from potstill.sections import QuickstartConfig
-from potstill.teacher.generate import chat_prompt, hf_generate
+from potstill.sections import BackendConfig, QuickstartConfig
+from potstill.teacher.factory import make_backend
+from potstill.teacher.generate import (
+    build_requests,
+    generate_into,
+    generation_progress,
+    provenance_of,
+    sampling_of,
+)
 
 
 def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
@@ -50,65 +56,42 @@ def run_smoke(cfg: QuickstartConfig, console: Console | None = None) -> dict:
 def _answer_all(cfg, run, records, system_prompt, console) -> dict:
     """Answer every record not answered yet, score it, write it; then summarise the run."""
     with run.timed("load_model"):
-        tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        model = load_model(
-            cfg.model.name,
-            dtype=cfg.model.dtype,
-            device=cfg.model.device,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        backend = make_backend(cfg.model, BackendConfig(), batch_size=cfg.generation.batch_size)
     gen = cfg.generation
+    pairs = build_requests(records, gen, system_prompt)
+    provenance = provenance_of(backend, cfg.model.name, gen)
     answers_dir = run.path / "answers"
-    with ShardWriter(answers_dir, shard_size=gen.batch_size) as writer:
-        todo = [r for r in records if r["id"] not in writer.done_ids]
-        start, new_tokens = time.perf_counter(), 0
-        with Progress(
-            TextColumn("answering"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[speed]}"),
-            console=console,
-        ) as progress:
-            bar = progress.add_task(
-                "answer", total=len(records), completed=len(records) - len(todo), speed=""
-            )
-            for i in range(0, len(todo), gen.batch_size):
-                batch = todo[i : i + gen.batch_size]
-                prompts = [chat_prompt(tokenizer, r["question"], system_prompt) for r in batch]
-                outs = hf_generate(
-                    model,
-                    tokenizer,
-                    prompts,
-                    max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature,
-                    top_p=gen.top_p,
-                    batch_size=gen.batch_size,
-                    seed=gen.seed + i,
-                )
-                for record, out in zip(batch, outs, strict=True):
-                    score = verify(record, out.text)
-                    writer.write(
-                        {
-                            **record,
-                            "completion": out.text,
-                            "verified": score >= 1.0,
-                            "score": score,
-                            "completion_tokens": out.completion_tokens,
-                            "finish_reason": out.finish_reason,
-                            "teacher": {
-                                "model": cfg.model.name,
-                                "temperature": gen.temperature,
-                                "max_new_tokens": gen.max_new_tokens,
-                                "seed": gen.seed,
-                            },
-                        }
-                    )
-                    new_tokens += out.completion_tokens
-                writer.flush()
-                elapsed = time.perf_counter() - start
-                progress.update(bar, advance=len(batch), speed=f"{new_tokens / elapsed:.1f} tok/s")
-        elapsed = time.perf_counter() - start
+
+    def scored(record: dict) -> dict:
+        score = verify(record, record["completion"])
+        return {**record, "verified": score >= 1.0, "score": score}
+
+    start, new_tokens = time.perf_counter(), 0
+    with (
+        ShardWriter(answers_dir, shard_size=gen.batch_size, flush_seconds=5) as writer,
+        generation_progress(console) as progress,
+    ):
+        todo = sum(1 for req, _ in pairs if req.key not in writer.done_ids)
+        bar = progress.add_task(
+            "answering", total=len(pairs), completed=len(pairs) - todo, speed=""
+        )
+
+        def on_result(out) -> None:
+            nonlocal new_tokens
+            new_tokens += out.completion_tokens
+            speed = f"{new_tokens / (time.perf_counter() - start):.1f} tok/s"
+            progress.update(bar, advance=1, speed=speed)
+
+        generate_into(
+            backend,
+            pairs,
+            sampling_of(gen),
+            writer,
+            provenance,
+            on_result=on_result,
+            transform=scored,
+        )
+    elapsed = time.perf_counter() - start
 
     answered = list(read_shards(answers_dir))
     correct = sum(1 for r in answered if r["verified"])

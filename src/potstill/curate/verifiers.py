@@ -1,13 +1,16 @@
 """Answer extraction and verification: `verify(record, completion) -> float` in [0, 1].
 
 The task field picks the verifier: `rg:NAME` uses reasoning-gym's own scorer, `math` uses
-math-verify, anything else compares the extracted answer exactly (after trimming).
+math-verify, `regex` fullmatches the extracted answer against the record's `answer` (a pattern),
+anything else compares the extracted answer exactly (after trimming).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+
+from potstill.errors import DataError
 
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _HASHES = re.compile(r"####\s*(.+)")
@@ -16,10 +19,10 @@ _ANSWER_IS = re.compile(r"(?i)(?:final answer|answer|result) is[:\s]*\$?([^\s$]+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def extract_answer(completion: str) -> str:
-    """The final answer in a completion: the last \\boxed{}; else the last marked answer
+def find_answer(completion: str) -> str | None:
+    """The answer a completion states: the last \\boxed{}; else the last marked answer
     (`#### x`, an `Answer: x` line, "the answer is x"), whichever comes last; else the last
-    number; else the last non-empty line."""
+    number. None when it states none, so curation can tell "no answer" from "wrong answer"."""
     boxed = _BOXED.findall(completion)
     if boxed:
         return _clean(boxed[-1])
@@ -29,6 +32,15 @@ def extract_answer(completion: str) -> str:
     numbers = _NUMBER.findall(completion)
     if numbers:
         return numbers[-1].replace(",", "")
+    return None
+
+
+def extract_answer(completion: str) -> str:
+    """The final answer in a completion: `find_answer`, else (a guess, for tasks whose answers
+    are words) the last non-empty line."""
+    found = find_answer(completion)
+    if found is not None:
+        return found
     lines = [line.strip() for line in completion.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -44,6 +56,11 @@ def _rg_scorer(name: str):
     from reasoning_gym.factory import get_score_answer_fn
 
     return get_score_answer_fn(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
 
 
 def verify(record: dict, completion: str) -> float:
@@ -63,4 +80,13 @@ def verify(record: dict, completion: str) -> float:
         from math_verify import verify as math_equal
 
         return float(math_equal(parse(gold), parse(completion)))
+    if task == "regex":
+        try:
+            pattern = _compiled(gold)
+        except re.error as exc:
+            raise DataError(
+                f"record '{record.get('id')}': answer {gold!r} is not a valid regex ({exc}); "
+                "fix the pattern, or use task 'exact' for a literal answer"
+            ) from None
+        return float(pattern.fullmatch(answer.strip()) is not None)
     return float(answer == gold.strip())
