@@ -5,7 +5,7 @@ import pytest
 
 from potstill.config import describe, dump_yaml, field_help, from_dict, load_config
 from potstill.errors import ConfigError
-from potstill.sections import STAGE_CONFIGS, QuickstartConfig, SFTConfig
+from potstill.sections import STAGE_CONFIGS, QuickstartConfig, SFTConfig, TrainConfig
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -25,7 +25,7 @@ def test_yaml_and_overrides_build_typed_nested_config(tmp_path):
     assert cfg.train.grad_accum == 4
     assert cfg.model.name == "my/model"
     assert cfg.model.lora.r == 8 and cfg.model.lora.alpha == 32
-    assert cfg.data.source.startswith("rg:")  # untouched defaults stay
+    assert cfg.data.source == "runs/curate/kept.jsonl"  # untouched defaults stay
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -62,10 +62,10 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 
 
 def test_help_comes_from_field_docstrings():
-    helps = field_help(SFTConfig.__dataclass_fields__["train"].default_factory)
+    helps = field_help(TrainConfig)
     assert helps["lr"] == "Peak learning rate."
     text = describe(SFTConfig())
-    assert "# Peak learning rate.\n  lr: 1.0e-05" in text
+    assert "# Peak learning rate.\n  lr: 0.0001" in text
 
 
 def test_round_trip_through_yaml():

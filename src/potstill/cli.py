@@ -164,6 +164,60 @@ def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     run_smoke(cfg, console)
 
 
+@app.command()
+def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Teacher generation: N samples per record (hf, vllm or an OpenAI-compatible endpoint)."""
+    from potstill.config import load_config
+    from potstill.sections import GenerateConfig
+    from potstill.teacher.generate import run_generate
+
+    run_generate(load_config(GenerateConfig, config, set_ or []), console)
+
+
+@app.command()
+def sft(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Require a checkpoint to continue from.")
+    ] = False,
+) -> None:
+    """Fine-tune a student on records (loss on the target only); reruns resume automatically."""
+    from potstill.config import load_config
+    from potstill.sections import SFTConfig
+    from potstill.train.sft import run_sft
+
+    run_sft(load_config(SFTConfig, config, set_ or []), console, resume=resume)
+
+
+@app.command()
+def curate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Verify, filter, deduplicate and select teacher samples; prints the funnel."""
+    from potstill.config import load_config
+    from potstill.curate.pipeline import CurateConfig, run_curate
+
+    run_curate(load_config(CurateConfig, config, set_ or []), console)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model spec: kit name, directory, .gguf, hub id.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    batch_size: Annotated[int, typer.Option(help="Requests generated together.")] = 8,
+    model_name: Annotated[
+        str | None, typer.Option(help="Name clients use (default: the spec).")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Env var with a key clients must send (default: none).")
+    ] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat completions)."""
+    from potstill.serve import serve_main
+
+    serve_main(model, host, port, batch_size, model_name=model_name, api_key_env=api_key_env)
+
+
 def _not_built(verb: str, issue: str):
     def command(ctx: typer.Context) -> None:
         raise NotBuiltError(
@@ -176,9 +230,6 @@ def _not_built(verb: str, issue: str):
 
 _PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 for verb, issue in (
-    ("generate", "teacher generation: sequence-level distillation"),
-    ("curate", "verification and filtering: sequence-level distillation"),
-    ("sft", "student fine-tuning: sequence-level distillation"),
     ("distill", "logit distillation training"),
     ("eval", "evaluation and cost accounting"),
     ("report", "HTML report"),

@@ -152,6 +152,10 @@ def load_model(
     device = resolve_device(device)
     if isinstance(spec, PreTrainedModel):
         model = spec
+    elif (adapter := _adapter_dir(spec)) is not None:
+        model = _load_adapter(
+            adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
     else:
         model = _from_pretrained(
             AutoModelForCausalLM,
@@ -163,6 +167,26 @@ def load_model(
     if lora is not None:
         model = apply_lora(model, lora)
     return model
+
+
+def _adapter_dir(spec) -> Path | None:
+    path = Path(str(spec)).expanduser()
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def _load_adapter(path: Path, **kwargs):
+    """A LoRA adapter directory (as `potstill sft` saves one): its base with the adapter merged."""
+    import json
+
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(
+            f"{path}/adapter_config.json names no base model; set base_model_name_or_path"
+        )
+    model = PeftModel.from_pretrained(load_model(base, **kwargs), str(path))
+    return model.merge_and_unload()
 
 
 def apply_lora(model, lora: LoraConfig):

@@ -103,6 +103,8 @@ class OpenAIEndpointConfig:
     """Seconds per request before it is retried."""
     max_retries: int = 6
     """Tries after the first on 429, 5xx, timeouts and connection errors (exponential backoff)."""
+    backoff: float = 1.0
+    """Base seconds of the exponential backoff between retries (a Retry-After header wins)."""
 
     def __post_init__(self):
         check(
@@ -112,6 +114,7 @@ class OpenAIEndpointConfig:
         check(self.concurrency > 0, f"concurrency: must be > 0, got {self.concurrency}")
         check(self.timeout > 0, f"timeout: must be > 0, got {self.timeout}")
         check(self.max_retries >= 0, f"max_retries: must be >= 0, got {self.max_retries}")
+        check(self.backoff >= 0, f"backoff: must be >= 0, got {self.backoff}")
 
 
 @dataclass
@@ -170,8 +173,22 @@ class TrainConfig:
     """Checkpoint every N optimizer steps."""
     seed: int = 0
     """Seed for data order, dropout and sampling."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept (older ones are deleted)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 mixed precision on a GPU that has it, fp32 otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more time."""
+    packing: bool = False
+    """Pack several short examples into one sequence of max_seq_len (no attention across them)."""
+    merge_lora: bool = False
+    """Save the final model with LoRA merged into the weights (else the adapter alone)."""
 
     def __post_init__(self):
+        check(
+            self.keep_checkpoints > 0,
+            f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}",
+        )
         check(self.lr > 0, f"lr: must be > 0, got {self.lr}; a usual value is 1e-5")
         check(
             0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}"
@@ -215,12 +232,29 @@ class QuickstartConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Supervised fine-tuning of a student (the sequence-level issue fills in the loop)."""
+class SFTDataConfig:
+    source: str = "runs/curate/kept.jsonl"
+    """Curated records: .jsonl, .parquet, a shard directory, or a datasets directory."""
+    limit: int | None = None
+    """Use only the first N records."""
+    prompt_field: str = "question"
+    """Record field the prompt (user turn) is built from."""
+    target_field: str = "completion"
+    """Record field the model learns to write (the loss is on these tokens only)."""
+    system_prompt: str | None = "step_by_step"
+    """Bundled prompt name or text file; use the one the traces were generated with."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    def __post_init__(self):
+        check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of a student on records (loss on the target tokens only)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig()))
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/sft"))
 
 
@@ -234,15 +268,24 @@ class GenerateConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(
-            max_new_tokens=512, system_prompt="step_by_step"
-        )
+        default_factory=lambda: GenerationConfig(max_new_tokens=512, system_prompt="step_by_step")
     )
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/generate"))
 
 
-STAGE_CONFIGS: dict[str, type] = {
-    "quickstart": QuickstartConfig,
-    "generate": GenerateConfig,
-    "sft": SFTConfig,
-}
+def _stage_configs() -> dict[str, type]:
+    # Stages whose configs live beside their code import this module, so they are added lazily.
+    from potstill.curate.pipeline import CurateConfig
+
+    return {
+        "quickstart": QuickstartConfig,
+        "generate": GenerateConfig,
+        "curate": CurateConfig,
+        "sft": SFTConfig,
+    }
+
+
+def __getattr__(name: str):
+    if name == "STAGE_CONFIGS":  # every stage's config class by stage name
+        return _stage_configs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -167,9 +167,7 @@ def dedup_samples(
         if grams:
             signature = MinHash(num_perm=num_perm, seed=1)
             signature.update_batch([g.encode("utf-8") for g in sorted(grams)])
-            index = indexes.setdefault(
-                group, MinHashLSH(threshold=threshold, num_perm=num_perm)
-            )
+            index = indexes.setdefault(group, MinHashLSH(threshold=threshold, num_perm=num_perm))
             similar = [
                 key
                 for key in index.query(signature)

@@ -74,9 +74,16 @@ def apply_rewrite(
     }
 
 
+def pending_rewrites(records: Sequence[dict], shard_dir: str | Path) -> list[dict]:
+    """The records whose rewrite is not in `shard_dir` yet."""
+    shard_dir = Path(shard_dir)
+    done = {r["id"] for r in read_shards(shard_dir)} if shard_dir.is_dir() else set()
+    return [r for r in records if r["id"] not in done]
+
+
 def rewrite_traces(
     records: Sequence[dict],
-    backend: Backend,
+    backend: Backend | None,
     *,
     prompt: str,
     shard_dir: str | Path,
@@ -85,10 +92,13 @@ def rewrite_traces(
     threshold: float = 1.0,
 ) -> list[dict]:
     """Rewrite every record's completion through `backend`; return one result per record, in the
-    input order. Results already in `shard_dir` are reused without calling the backend."""
+    input order. Results already in `shard_dir` are reused without calling the backend, which
+    may be None when every record is done (`pending_rewrites` is empty): no model to load."""
     shard_dir = Path(shard_dir)
     done = {r["id"]: r for r in read_shards(shard_dir)} if shard_dir.is_dir() else {}
     todo = [r for r in records if r["id"] not in done]
+    if todo and backend is None:
+        raise ValueError(f"{len(todo)} record(s) still need a rewrite, but no backend was given")
     if todo:
         by_id = {r["id"]: r for r in todo}
         requests = [rewrite_request(r, prompt, seed) for r in todo]
@@ -103,7 +113,7 @@ def rewrite_traces(
     missing = [r["id"] for r in records if r["id"] not in done]
     if missing:
         raise RuntimeError(
-            f"backend {backend.describe()} returned no generation for {len(missing)} request(s), "
-            f"e.g. '{missing[0]}'; every request must be answered"
+            f"the rewrite backend returned no generation for {len(missing)} request(s), e.g. "
+            f"'{missing[0]}'; a Backend must yield every request it is given"
         )
     return [done[r["id"]] for r in records]

@@ -69,8 +69,8 @@ class Backend(ABC):
         """Provenance for the output records: backend and model."""
         return {"backend": self.name}
 
-    def close(self) -> None:
-        """Release the model/engine/connections."""  # noqa: B027 (optional hook)
+    def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Release the model/engine/connections."""
 
     def __enter__(self):
         return self

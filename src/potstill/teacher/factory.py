@@ -18,6 +18,7 @@ def make_backend(model: ModelConfig, backend: BackendConfig, *, batch_size: int 
             concurrency=endpoint.concurrency,
             timeout=endpoint.timeout,
             max_retries=endpoint.max_retries,
+            backoff=endpoint.backoff,
         )
     if backend.kind == "vllm":
         from potstill.models import resolve_model_path

@@ -184,8 +184,9 @@ class OpenAIBackend(Backend):
                 if wait is None:
                     wait = self.backoff * 2 ** (attempt - 1) + random.uniform(0, self.backoff)
                 await asyncio.sleep(min(wait, MAX_WAIT))
+        tried = f"{tries} {'try' if tries == 1 else 'tries'}"
         raise EndpointError(
-            f"{self.url}: {problem} after {tries} tries (request '{request.key}'); "
+            f"{self.url}: {problem} after {tried} (request '{request.key}'); "
             f"check the server is up and healthy, or lower concurrency (now {self.concurrency})"
         )
 

@@ -126,7 +126,13 @@ class VLLMBackend(Backend):
                 engine.abort_request(list(pending))
 
     def close(self) -> None:
-        self.llm = None  # vLLM frees the engine (and its GPU memory) when the LLM is collected
+        """Stop the engine process now, so its GPU memory is free for what runs next."""
+        if self.llm is None:
+            return
+        core = getattr(self.llm.llm_engine, "engine_core", None)  # V1 engines run in a process
+        if hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
 
 
 def _generation(output) -> Generation:
@@ -135,9 +141,12 @@ def _generation(output) -> Generation:
     reason = str(completion.finish_reason)
     if reason not in ("stop", "length"):  # abort/error: no usable sample
         raise RuntimeError(f"vllm ended request {output.request_id} with {reason!r}")
+    tokens = len(completion.token_ids)
+    if reason == "stop" and not isinstance(completion.stop_reason, str):
+        tokens -= 1  # vLLM keeps the EOS/stop token; `hf` does not count it, so neither do we
     return Generation(
         text=completion.text,
         prompt_tokens=len(output.prompt_token_ids),
-        completion_tokens=len(completion.token_ids),
+        completion_tokens=tokens,
         finish_reason=reason,
     )

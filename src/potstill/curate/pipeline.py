@@ -1,0 +1,380 @@
+"""The curation stage of sequence-level distillation: teacher samples in, good ones out.
+
+    potstill curate --config configs/curate-example.yaml [--set select.k=1 ...]
+
+Steps run in a fixed order, cheap checks first so the verifier and the rewriter see less:
+format -> length -> verify -> dedup -> teacher_unsolved -> student_solves -> select -> rewrite.
+`teacher_unsolved` drops no records (verify already did); it reports the questions no teacher
+sample solved. `student_solves` runs only with `student_samples`, `rewrite` only when enabled.
+
+The run directory gets `kept.jsonl`, `dropped.jsonl` (every dropped record with its `drop_reason`
+and the step, `dropped_at`: nothing is lost silently), `funnel.json`, the resolved config and a
+manifest. Rerunning on the same directory redoes the cheap steps and resumes the rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+
+from potstill.config import check
+from potstill.curate.filters import (
+    check_format,
+    check_length,
+    dedup_samples,
+    drop_solved_by_student,
+    solve_rates,
+    verify_samples,
+)
+from potstill.curate.funnel import Funnel, count_questions
+from potstill.curate.rewrite import pending_rewrites, rewrite_traces
+from potstill.curate.select import select_per_question
+from potstill.data import read_records, write_records
+from potstill.errors import ConfigError, DataError
+from potstill.fsutil import atomic_write_text
+from potstill.runs import RunDir
+from potstill.sections import BackendConfig, DataConfig, ModelConfig, RunConfig
+from potstill.teacher.backends import Backend, Sampling
+
+STEP_ORDER = (
+    "format",
+    "length",
+    "verify",
+    "dedup",
+    "teacher_unsolved",
+    "student_solves",
+    "select",
+    "rewrite",
+)
+
+
+@dataclass
+class FormatConfig:
+    drop_truncated: bool = True
+    """Drop traces cut off by max_new_tokens (finish_reason "length")."""
+    tags: list[list[str]] = field(default_factory=lambda: [["<think>", "</think>"]])
+    """[open, close] tag pairs a trace must open and close in order; [] turns the check off."""
+    require: str | None = None
+    """A regex every trace must contain (re.search), e.g. '\\\\boxed\\{'; null = no requirement."""
+
+    def __post_init__(self):
+        for pair in self.tags:
+            check(
+                len(pair) == 2 and all(tag.strip() for tag in pair),
+                f"tags: each entry must be an [open, close] pair of non-empty tags, got {pair}",
+            )
+        if self.require is not None:
+            try:
+                re.compile(self.require)
+            except re.error as exc:
+                raise ConfigError(
+                    f"require: {self.require!r} is not a valid regex ({exc})"
+                ) from None
+
+
+@dataclass
+class LengthConfig:
+    min_tokens: int = 1
+    """Drop traces with fewer completion tokens (whitespace words when the count is missing)."""
+    max_tokens: int | None = None
+    """Drop traces with more completion tokens; null = no limit."""
+
+    def __post_init__(self):
+        check(self.min_tokens >= 0, f"min_tokens: must be >= 0, got {self.min_tokens}")
+        check(
+            self.max_tokens is None or self.max_tokens >= self.min_tokens,
+            f"max_tokens: must be >= min_tokens ({self.min_tokens}), got {self.max_tokens}",
+        )
+
+
+@dataclass
+class VerifyConfig:
+    threshold: float = 1.0
+    """A sample is verified when its verifier score (in [0, 1]) is >= this; reasoning-gym
+    scorers give partial credit, lower this to accept it."""
+
+    def __post_init__(self):
+        check(0 < self.threshold <= 1, f"threshold: must be in (0, 1], got {self.threshold}")
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    """Drop traces equal to an earlier one after normalising case and whitespace."""
+    near: bool = True
+    """Drop traces whose estimated word n-gram Jaccard similarity to an earlier one is high."""
+    threshold: float = 0.8
+    """Near-duplicate when the MinHash Jaccard estimate is >= this."""
+    ngram: int = 3
+    """Words per n-gram (shingle)."""
+    num_perm: int = 128
+    """MinHash permutations: more = a finer estimate, slower."""
+    scope: Literal["question", "all"] = "question"
+    """question: compare one question's samples with each other; all: across the whole set."""
+
+    def __post_init__(self):
+        check(0 < self.threshold <= 1, f"threshold: must be in (0, 1], got {self.threshold}")
+        check(self.ngram > 0, f"ngram: must be > 0, got {self.ngram}")
+        check(self.num_perm >= 16, f"num_perm: must be >= 16, got {self.num_perm}")
+
+
+@dataclass
+class DifficultyConfig:
+    threshold: float = 0.75
+    """Drop a question when the student solves its own samples of it at this rate or more
+    (needs student_samples)."""
+
+    def __post_init__(self):
+        check(0 < self.threshold <= 1, f"threshold: must be in (0, 1], got {self.threshold}")
+
+
+@dataclass
+class SelectConfig:
+    k: int | None = 4
+    """Keep at most this many verified samples per question; null = keep all."""
+    order: Literal["shortest", "diverse"] = "shortest"
+    """shortest: fewest completion tokens first; diverse: farthest-first by n-gram distance."""
+    ngram: int = 3
+    """Words per n-gram for the diverse order's distance."""
+
+    def __post_init__(self):
+        check(self.k is None or self.k > 0, f"k: must be > 0 (or null for all), got {self.k}")
+        check(self.ngram > 0, f"ngram: must be > 0, got {self.ngram}")
+
+
+@dataclass
+class RewriteConfig:
+    enabled: bool = False
+    """Restructure each kept trace with a model; a rewrite is kept only if it still verifies."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The rewriting model (any size; it sees only the trace)."""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    """Generation engine for the rewriting model."""
+    prompt_file: str | None = None
+    """Rewrite instructions (the system prompt): a .txt file path or a bundled prompt name."""
+    max_new_tokens: int = 4096
+    """Longest rewrite; a truncated rewrite is discarded (the original stays)."""
+    temperature: float = 0.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    batch_size: int = 8
+    """Prompts per generate call (hf backend)."""
+    seed: int = 0
+    """Base seed; each record derives its own from it and its id."""
+
+    def __post_init__(self):
+        check(
+            not self.enabled or bool(self.prompt_file),
+            "prompt_file: rewrite is enabled but no prompt is given; set rewrite.prompt_file "
+            "to a .txt file with the rewrite instructions",
+        )
+        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class CurateConfig:
+    """Curation of teacher samples: verify, filter, deduplicate, select (and optionally rewrite)."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="runs/generate/samples"))
+    """Teacher samples (records with `completion`), e.g. the samples dir of `potstill generate`."""
+    student_samples: str | None = None
+    """The student's own samples of the same questions, to drop what it already solves."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Step 1: truncation, balanced tags, a required pattern."""
+    length: LengthConfig = field(default_factory=LengthConfig)
+    """Step 2: completion length bounds."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """Step 3: the record's verifier (task field) must accept the answer."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Step 4: exact and near-duplicate traces."""
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
+    """Step 6: questions the student already solves (step 5 reports teacher-unsolved ones)."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """Step 7: rejection sampling, at most k samples per question."""
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    """Step 8 (off by default): restructure kept traces with a model, re-verified."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/curate"))
+    """Run directory: kept.jsonl, dropped.jsonl, funnel.json, config, manifest."""
+
+
+Rewriter = Callable[[list[dict]], list[dict]]
+"""Kept records in, the same records (rewritten or annotated) out, in order."""
+
+
+def curate_records(
+    records: list[dict],
+    cfg: CurateConfig,
+    *,
+    student_rates: dict[str, float] | None = None,
+    rewriter: Rewriter | None = None,
+) -> tuple[list[dict], list[dict], Funnel]:
+    """Run the steps in STEP_ORDER; return (kept, dropped, funnel).
+
+    Dropped records carry `drop_reason` and `dropped_at` (the step's name). `student_rates` (per
+    question) enables student_solves; `rewriter` enables rewrite.
+    """
+    funnel = Funnel(input_records=len(records), input_questions=count_questions(records))
+    dropped_all: list[dict] = []
+    kept = records
+
+    def step(name: str, split, **funnel_args) -> None:
+        nonlocal kept
+        new_kept, dropped = split
+        funnel.add(name, kept, new_kept, dropped, **funnel_args)
+        dropped_all.extend({**r, "dropped_at": name} for r in dropped)
+        kept = new_kept
+
+    fmt, length, dedup = cfg.format, cfg.length, cfg.dedup
+    step(
+        "format",
+        check_format(kept, drop_truncated=fmt.drop_truncated, tags=fmt.tags, require=fmt.require),
+    )
+    step("length", check_length(kept, min_tokens=length.min_tokens, max_tokens=length.max_tokens))
+    reaching_verify = count_questions(kept)
+    step("verify", verify_samples(kept, threshold=cfg.verify.threshold))
+    step(
+        "dedup",
+        dedup_samples(
+            kept,
+            exact=dedup.exact,
+            near=dedup.near,
+            threshold=dedup.threshold,
+            ngram=dedup.ngram,
+            num_perm=dedup.num_perm,
+            scope=dedup.scope,
+        ),
+    )
+    unsolved = reaching_verify - count_questions(kept)
+    step(
+        "teacher_unsolved",
+        (kept, []),
+        questions_in=reaching_verify,
+        notes={"unsolved_questions": unsolved},
+    )
+    if student_rates is not None:
+        threshold = cfg.difficulty.threshold
+        step("student_solves", drop_solved_by_student(kept, student_rates, threshold=threshold))
+    select = cfg.select
+    step("select", select_per_question(kept, k=select.k, order=select.order, ngram=select.ngram))
+    if rewriter is not None and kept:
+        rewritten = rewriter(kept)
+        statuses = Counter(r["rewrite"]["status"] for r in rewritten)
+        step("rewrite", (rewritten, []), notes=dict(sorted(statuses.items())))
+
+    if sorted(r["id"] for r in kept + dropped_all) != sorted(r["id"] for r in records):
+        raise AssertionError("curation lost or duplicated records: kept + dropped != input")
+    return kept, dropped_all, funnel
+
+
+def require_completions(records: list[dict], source: str, what: str = "data.source") -> None:
+    """Curation filters samples: refuse questions that were never answered, naming one."""
+    missing = [r["id"] for r in records if not isinstance(r.get("completion"), str)]
+    if missing:
+        raise DataError(
+            f"{what} {source}: record '{missing[0]}' has no 'completion' ({len(missing)} of "
+            f"{len(records)} records lack one); curate takes model samples: run "
+            "`potstill generate` first and point it at the samples directory it writes"
+        )
+
+
+def read_student_rates(spec: str, threshold: float) -> dict[str, float]:
+    """Per-question solve rate of the student's own samples, verified like the teacher's."""
+    path = Path(spec.partition("?")[0]).expanduser()
+    if not spec.startswith("rg:") and not path.exists():
+        raise ConfigError(
+            f"student_samples: {path} not found; sample the student with `potstill generate` "
+            "(model = the student) and give its samples directory, or set student_samples: null"
+        )
+    student = read_records(spec)
+    require_completions(student, spec, what="student_samples")
+    return solve_rates(student, threshold=threshold)
+
+
+def default_backend_factory(rewrite: RewriteConfig) -> Backend:
+    from potstill.teacher.factory import make_backend
+
+    return make_backend(rewrite.model, rewrite.backend, batch_size=rewrite.batch_size)
+
+
+def run_curate(
+    cfg: CurateConfig,
+    console: Console | None = None,
+    backend_factory: Callable[[RewriteConfig], Backend] | None = None,
+) -> Funnel:
+    """Read the samples, curate them, write kept/dropped/funnel into `cfg.run.output_dir`.
+
+    `backend_factory` builds the rewriting model's backend (default: the configured engine); it
+    is called only when rewrite is enabled and some trace still needs rewriting.
+    """
+    console = console or Console(stderr=True)
+    # Check every input before the run directory exists: bad input must leave nothing behind.
+    records = read_records(cfg.data.source, limit=cfg.data.limit)
+    require_completions(records, cfg.data.source)
+    student_rates = None
+    if cfg.student_samples:
+        student_rates = read_student_rates(cfg.student_samples, cfg.verify.threshold)
+    prompt = _rewrite_prompt(cfg.rewrite) if cfg.rewrite.enabled else None
+    inputs = [cfg.data.source, *([cfg.student_samples] if cfg.student_samples else [])]
+    console.print(f"[bold]{len(records)}[/] samples from {cfg.data.source}")
+
+    with RunDir(cfg.run.output_dir, command="curate", config=cfg, inputs=inputs) as run:
+        rewriter = None
+        if prompt is not None:
+            factory = backend_factory or default_backend_factory
+            shard_dir = run.path / "rewrite"
+
+            def rewriter(kept: list[dict]) -> list[dict]:
+                rw = cfg.rewrite
+                sampling = Sampling(
+                    max_new_tokens=rw.max_new_tokens, temperature=rw.temperature, top_p=rw.top_p
+                )
+                if not pending_rewrites(kept, shard_dir):  # resumed: no model to load
+                    return rewrite_traces(kept, None, prompt=prompt, shard_dir=shard_dir)
+                with factory(rw) as backend, run.timed("rewrite"):
+                    return rewrite_traces(
+                        kept,
+                        backend,
+                        prompt=prompt,
+                        shard_dir=shard_dir,
+                        sampling=sampling,
+                        seed=rw.seed,
+                        threshold=cfg.verify.threshold,
+                    )
+
+        with run.timed("curate"):
+            kept, dropped, funnel = curate_records(
+                records, cfg, student_rates=student_rates, rewriter=rewriter
+            )
+        write_records(run.path / "kept.jsonl", kept)
+        write_records(run.path / "dropped.jsonl", dropped)
+        atomic_write_text(run.path / "funnel.json", json.dumps(funnel.to_dict(), indent=2) + "\n")
+        run.count(
+            input_records=funnel.input_records,
+            input_questions=funnel.input_questions,
+            kept_records=len(kept),
+            kept_questions=funnel.kept_questions,
+            dropped_records=len(dropped),
+        )
+    console.print(funnel.table())
+    console.print(f"kept → {run.path / 'kept.jsonl'}   dropped → {run.path / 'dropped.jsonl'}")
+    return funnel
+
+
+def _rewrite_prompt(rewrite: RewriteConfig) -> str:
+    from potstill.prompts import load_prompt
+
+    try:
+        return load_prompt(rewrite.prompt_file)
+    except ConfigError as exc:
+        raise ConfigError(f"rewrite.prompt_file: {exc}") from None

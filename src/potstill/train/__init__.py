@@ -1,0 +1,1 @@
+"""Training loops on accelerate: SFT, distillation, the RLT warm-up."""

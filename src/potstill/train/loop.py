@@ -1,0 +1,225 @@
+"""The training loop every trainer shares (SFT, distillation, the RLT warm-up), on `accelerate`.
+
+One optimizer step = `grad_accum` micro-batches on each process. The loss function returns the
+window's *sum* of per-token losses divided by the number of target tokens in the whole window (all
+micro-batches, all processes), so the gradient is the same however the window is split into
+micro-batches or processes. The data order is a pure function of (seed, epoch), and a micro-batch
+is addressed by its global index, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from potstill.runs import RunDir
+from potstill.sections import TrainConfig
+from potstill.train.checkpoint import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
+
+LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, float]]]
+"""(model, micro_batch, target_tokens_in_window) -> (normalised loss, parts to log)."""
+
+
+@dataclass
+class DataPlan:
+    """Micro-batches by global index: epoch e is a seeded permutation of the examples."""
+
+    num_examples: int
+    micro_batch_size: int
+    seed: int
+    _perms: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.micro_batch_size)
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, j = divmod(micro_batch, self.per_epoch)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._perms = {epoch: torch.randperm(self.num_examples, generator=gen).tolist()}
+        return self._perms[epoch][j * self.micro_batch_size : (j + 1) * self.micro_batch_size]
+
+
+def total_steps(cfg: TrainConfig, plan: DataPlan, world_size: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * plan.per_epoch / (cfg.grad_accum * world_size)))
+
+
+def make_accelerator(cfg: TrainConfig, run: RunDir, log_with: list[str]):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = cfg.precision
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    return Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(run.path), logging_dir=str(run.path / "logs")
+        ),
+    )
+
+
+def train(
+    *,
+    cfg: TrainConfig,
+    model,
+    examples: Sequence[Any],
+    collate: Callable[[list[Any]], dict],
+    count_tokens: Callable[[dict], int],
+    loss_fn: LossFn,
+    run: RunDir,
+    log_with: list[str],
+    console: Console,
+    require_checkpoint: bool = False,
+) -> dict:
+    """Train until the planned number of steps; checkpoint every `save_every`; resume if a
+    checkpoint exists. Returns the final state and last logged values."""
+    from transformers import get_scheduler
+
+    accelerator = make_accelerator(cfg, run, log_with)
+    torch.manual_seed(cfg.seed)  # dropout; a resumed run restores the checkpoint's RNG instead
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plan = DataPlan(len(examples), cfg.micro_batch_size, cfg.seed)
+    steps = total_steps(cfg, plan, world)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        "cosine" if cfg.lr_schedule == "cosine" else cfg.lr_schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * steps),
+        num_training_steps=steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state, ckpt_dir = LoopState(), run.path / "checkpoints"
+    found = list_checkpoints(ckpt_dir)
+    if found:
+        state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
+    elif require_checkpoint:
+        from potstill.errors import ConfigError
+
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
+    accelerator.init_trackers("train")
+    model.train()
+    last: dict[str, float] = {}
+    start, start_tokens = time.perf_counter(), state.tokens
+    window = cfg.grad_accum * world
+    progress = Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not accelerator.is_main_process,
+    )
+    try:
+        with progress:
+            bar = progress.add_task("train", total=steps, completed=state.step, info="")
+            while state.step < steps:
+                first = state.micro_batches
+                mine = [
+                    collate([examples[i] for i in plan.indices(m)])
+                    for m in range(first + rank, first + window, world)
+                ]
+                tokens = torch.tensor(sum(count_tokens(b) for b in mine), device=accelerator.device)
+                window_tokens = int(accelerator.reduce(tokens, "sum").item())
+                sums: dict[str, float] = {}
+                for i, batch in enumerate(mine):
+                    sync = i == len(mine) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                        loss, parts = loss_fn(model, batch, max(window_tokens, 1))
+                        # DDP averages gradients over processes; the loss is already a global mean.
+                        accelerator.backward(loss * world)
+                    for key, value in {"loss": loss.item(), **parts}.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.micro_batches += window
+                state.tokens += window_tokens
+                elapsed = time.perf_counter() - start
+                last = {
+                    **{k: _global_sum(accelerator, v) for k, v in sums.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
+                }
+                accelerator.log(last, step=state.step)
+                if accelerator.is_main_process:
+                    _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})
+                run.logger.info("step %d %s", state.step, _fmt(last))
+                progress.update(bar, completed=state.step, info=_fmt(last, short=True))
+                if state.step % cfg.save_every == 0 or state.step == steps:
+                    _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
+    except KeyboardInterrupt:
+        # Stop cleanly at the last finished step: its weights and data position still agree.
+        optimizer.zero_grad(set_to_none=True)
+        _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
+        raise
+    finally:
+        accelerator.end_training()
+    return {"step": state.step, "steps": steps, "tokens": state.tokens, **last}
+
+
+def _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and state.step > 0:
+        unwrapped = accelerator.unwrap_model(model)
+        save_checkpoint(ckpt_dir, state, unwrapped, optimizer, scheduler, keep=cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _append_metrics(path, values: dict) -> None:
+    """One JSON line per step (a resumed run appends the steps it redoes; the last one counts)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(values) + "\n")
+
+
+def read_metrics(path) -> dict[int, dict]:
+    """Step -> logged values, the last entry winning for steps redone after a resume."""
+    out: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                entry = json.loads(line)
+                out[entry["step"]] = entry
+    return out
+
+
+def _clip(accelerator, model, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _global_sum(accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum"))
+
+
+def _fmt(values: dict[str, float], short: bool = False) -> str:
+    keys = ("loss", "tokens_per_s") if short else values
+    return " ".join(f"{k}={values[k]:.4g}" for k in keys if k in values)

@@ -1,0 +1,30 @@
+"""Save the trained model as a Hugging Face directory, atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from potstill.fsutil import replace_dir
+
+
+def save_final(model, tokenizer, path: Path, *, merge: bool, base_spec: str | None = None) -> Path:
+    """A model directory `load_model` opens: full weights, or a LoRA adapter (merged on request).
+
+    An adapter directory names its base by the spec it was trained from (a kit name, a directory,
+    a hub id), so it stays loadable on another machine with the same kit."""
+    model = getattr(model, "module", model)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge:
+        model = model.merge_and_unload()
+        is_peft = False
+    if is_peft and base_spec:
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_spec
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+    return path

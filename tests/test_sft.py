@@ -1,0 +1,130 @@
+"""SFT: the prompt is masked, the loss is the mean over target tokens of the whole window, packing
+keeps examples apart, and a resumed run continues with the losses an uninterrupted one has."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from potstill.data import write_records
+from potstill.losses.reduce import IGNORE_INDEX
+from potstill.train.loop import read_metrics
+from potstill.train.sft import build_example, collate, count_tokens, pack, sft_loss
+
+from .conftest import build_model, build_tokenizer, run_cli
+
+USER = ({"role": "user", "content": "What is 17 + 25?"},)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer()
+    return tokenizer, build_model(tokenizer)
+
+
+def test_prompt_is_masked_and_target_ends_with_eos(tiny):
+    tokenizer, _ = tiny
+    ex = build_example(tokenizer, USER, "Answer: 42", max_len=512)
+    prompt = tokenizer.apply_chat_template(list(USER), tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    target = tokenizer("Answer: 42", add_special_tokens=False)["input_ids"]
+    assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex.labels[n_prompt:] == [*target, tokenizer.eos_token_id]
+    assert ex.input_ids[n_prompt:] == ex.labels[n_prompt:]
+    assert build_example(tokenizer, USER, "Answer: 42", max_len=n_prompt) is None  # no target left
+
+
+def test_loss_is_mean_over_target_tokens_of_the_window(tiny):
+    tokenizer, model = tiny
+    exs = [build_example(tokenizer, USER, t, 512) for t in ("Answer: 42", "First add, then 5")]
+    batch = collate(exs, tokenizer.pad_token_id)
+    loss, _ = sft_loss(model, batch, count_tokens(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    # one micro-batch of two == two micro-batches of one, normalised by the window's tokens
+    window = count_tokens(batch)
+    split = sum(sft_loss(model, collate([e], 0), window)[0] for e in exs)
+    torch.testing.assert_close(split, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny):
+    tokenizer, model = tiny
+    exs = [build_example(tokenizer, USER, t, 512) for t in ("Answer: 42", "First add, then 5")]
+    packed = pack(exs, max_len=512)
+    assert len(packed) == 1 and packed[0].position_ids.count(0) == 2
+    total = sum(e.target_tokens for e in exs)
+    alone = sum(sft_loss(model, collate([e], 0), total)[0] for e in exs)
+    together, _ = sft_loss(model, collate(packed, 0), total)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def _records(path, n=12):
+    rows = [
+        {"id": f"r{i}", "question": f"What is {i} + {i}?", "completion": f"Answer: {2 * i}"}
+        for i in range(n)
+    ]
+    return write_records(path, rows)
+
+
+def _sft(model_dir, data, out, *extra):
+    return run_cli(
+        "sft",
+        "--set", f"model.name={model_dir}",
+        "--set", "model.lora={r: 4, alpha: 8, dropout: 0.1}",
+        "--set", f"data.source={data}",
+        "--set", "data.system_prompt=null",
+        "--set", "train.max_steps=4",
+        "--set", "train.save_every=2",
+        "--set", "train.micro_batch_size=2",
+        "--set", "train.grad_accum=2",
+        "--set", "train.lr=0.01",
+        "--set", f"run.output_dir={out}",
+        *extra,
+    )  # fmt: skip
+
+
+def test_sft_trains_saves_and_resumes_exactly(tiny_model_dir, tmp_path):
+    data = _records(tmp_path / "kept.jsonl")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = _sft(tiny_model_dir, data, full)
+    assert proc.returncode == 0, proc.stderr
+    losses = {s: m["loss"] for s, m in read_metrics(full / "metrics.jsonl").items()}
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    assert (full / "final" / "adapter_config.json").is_file()
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert manifest["counts"]["sequences"] == 12
+
+    # A run killed after its step-2 checkpoint: what is on disk is everything up to step 2.
+    assert _sft(tiny_model_dir, data, cut).returncode == 0
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    shutil.rmtree(cut / "final")
+    proc = _sft(tiny_model_dir, data, cut, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    resumed = read_metrics(cut / "metrics.jsonl")
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(losses[step], rel=1e-6)
+
+    from potstill.models import load_model
+
+    merged = load_model(full / "final", device="cpu")  # adapter dir: base + adapter, merged
+    assert not hasattr(merged, "peft_config")
+
+
+def test_resume_with_changed_config_names_the_key(tiny_model_dir, tmp_path):
+    data = _records(tmp_path / "kept.jsonl")
+    out = tmp_path / "run"
+    assert _sft(tiny_model_dir, data, out).returncode == 0
+    proc = _sft(tiny_model_dir, data, out, "--set", "train.lr=0.5", "--resume")
+    assert proc.returncode == 2
+    assert "train.lr (0.01 before, 0.5 now)" in proc.stderr
+
+
+def test_resume_without_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    data = _records(tmp_path / "kept.jsonl")
+    proc = _sft(tiny_model_dir, data, tmp_path / "new", "--resume")
+    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
