@@ -79,7 +79,10 @@ def test_vllm_generates_like_hf(vllm_model_dir, monkeypatch):
     assert sorted(got) == sorted(r.key for r in requests)
     for request in requests:
         mine, ref = got[request.key], want[request.key]
-        assert (mine.text, mine.finish_reason) == (ref.text, ref.finish_reason), request.key
+        # A random model emits stray UTF-8 bytes: HF decodes each as U+FFFD, vLLM's streaming
+        # detokenizer drops them. Same tokens, so the rest of the text must match.
+        assert mine.text.replace("\ufffd", "") == ref.text.replace("\ufffd", ""), request.key
+        assert mine.finish_reason == ref.finish_reason, request.key
         assert mine.completion_tokens == ref.completion_tokens, request.key
         assert mine.prompt_tokens == ref.prompt_tokens == prompt_lengths[request.key]
     assert alone["r1"] == batched["r1"]  # a request's sample depends on its seed alone

@@ -32,6 +32,7 @@ def make_backend(model: ModelConfig, backend: BackendConfig, *, batch_size: int 
             gpu_memory_utilization=options.gpu_memory_utilization,
             max_model_len=options.max_model_len,
             trust_remote_code=model.trust_remote_code,
+            model_id=model.name,
         )
     from potstill.models import load_model, load_tokenizer
     from potstill.teacher.hf_backend import HFBackend

@@ -9,7 +9,7 @@ noise of batched kernels on GPU). As with `hf`, the model's `generation_config` 
 Requests go to the engine's own queue and come back as each finishes, so a stage writes finished
 samples while the rest still run, and the engine keeps its batch full throughout.
 
-vLLM is imported only when the backend is built: it is an optional, GPU-only dependency.
+vLLM is imported only when the backend is built: it is an optional dependency (a GPU build).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class VLLMBackend(Backend):
             if len(ids) >= limit:
                 raise DataError(
                     f"request {request.key}: prompt is {len(ids)} tokens, the model takes "
-                    f"{limit}; lower generation.max_prompt_tokens or raise vllm.max_model_len"
+                    f"{limit}; set generation.max_prompt_tokens or raise backend.vllm.max_model_len"
                 )
         pending = set()
         try:
