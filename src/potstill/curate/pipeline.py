@@ -1,6 +1,6 @@
 """The curation stage of sequence-level distillation: teacher samples in, good ones out.
 
-    potstill curate --config configs/curate-example.yaml [--set select.k=1 ...]
+    potstill curate --config configs/curate-gsm.yaml [--set select.k=1 ...]
 
 Steps run in a fixed order, cheap checks first so the verifier and the rewriter see less:
 format -> length -> verify -> dedup -> teacher_unsolved -> student_solves -> select -> rewrite.
