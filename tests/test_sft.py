@@ -71,21 +71,24 @@ def _records(path, n=12):
     return write_records(path, rows)
 
 
-def _sft(model_dir, data, out, *extra):
-    return run_cli(
+def _sft_args(model_dir, data, out, *extra):
+    return [
         "sft",
         "--set", f"model.name={model_dir}",
         "--set", "model.lora={r: 4, alpha: 8, dropout: 0.1}",
         "--set", f"data.source={data}",
         "--set", "data.system_prompt=null",
-        "--set", "train.max_steps=4",
         "--set", "train.save_every=2",
         "--set", "train.micro_batch_size=2",
         "--set", "train.grad_accum=2",
         "--set", "train.lr=0.01",
         "--set", f"run.output_dir={out}",
         *extra,
-    )  # fmt: skip
+    ]  # fmt: skip
+
+
+def _sft(model_dir, data, out, *extra):
+    return run_cli(*_sft_args(model_dir, data, out, "--set", "train.max_steps=4", *extra))
 
 
 def test_sft_trains_saves_and_resumes_exactly(tiny_model_dir, tmp_path):
@@ -128,3 +131,31 @@ def test_resume_without_checkpoint_is_refused(tiny_model_dir, tmp_path):
     data = _records(tmp_path / "kept.jsonl")
     proc = _sft(tiny_model_dir, data, tmp_path / "new", "--resume")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+
+
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_the_rerun_finishes(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = _records(tmp_path / "kept.jsonl")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "potstill", *_sft_args(tiny_model_dir, data, out)]
+    args += ["--set", "train.max_steps=400", "--set", "train.save_every=1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (
+        not metrics.is_file() or not metrics.read_text().strip()
+    ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    steps = max(read_metrics(metrics))
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert saved and int(saved[-1][5:]) == steps  # the last finished step, not step 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["attempts"][-1]["status"] == "interrupted"

@@ -12,6 +12,7 @@ Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 fo
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -244,9 +245,15 @@ for verb in ("score", "warmup", "train", "explain"):
     )
 
 
+def _stop_cleanly(signum, frame) -> None:
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: shards flushed, a checkpoint saved.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; input problems become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
+    signal.signal(signal.SIGTERM, _stop_cleanly)
     try:
         result = command.main(args=argv, prog_name="potstill", standalone_mode=False)
         return result if isinstance(result, int) else 0

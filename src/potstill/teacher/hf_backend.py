@@ -1,11 +1,12 @@
 """The default backend: Hugging Face `generate`, batched, on CPU or GPU.
 
 Prompts are sorted by token length so a batch wastes little padding, and padded on the left so every
-row's new tokens start at the same column; the KV cache is on. Sampling is done per row by a logits
-processor with the row's own `torch.Generator`, so a request's sample depends on its seed alone,
-not on which other requests share its batch (HF's own sampling draws for the whole batch at once).
-The model's `generation_config` defaults (e.g. Qwen's repetition penalty and top-k) are not
-applied: the sample is exactly what `Sampling` says.
+row's new tokens start at the same column. The decoding loop is our own, on the model's KV cache:
+rows that finish leave the batch at once (HF `generate` keeps computing them until the longest row
+ends, which on CPU wastes a third to half of the work for reasoning traces of mixed length). Each
+row samples with its own `torch.Generator`, so a request's sample depends on its seed alone, not
+on which other requests share its batch. The model's `generation_config` defaults (e.g. Qwen's
+repetition penalty and top-k) are not applied: the sample is exactly what `Sampling` says.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
@@ -30,31 +30,34 @@ def render_prompt(tokenizer, request: Request) -> str:
     return text + request.prefill
 
 
-class PerRowSampler(LogitsProcessor):
-    """Temperature + top-p sampling with one generator per row; returns logits whose argmax is the
-    sampled token, so `generate` runs in greedy mode and every row keeps its own random stream."""
+def sample_rows(
+    logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float
+) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature + top-p (nucleus) sampling
+    with each row's own generator, so a row's draw never depends on the other rows."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    return torch.stack(
+        [
+            torch.multinomial(row.cpu(), 1, generator=gen)[0]
+            for row, gen in zip(probs, generators, strict=True)
+        ]
+    ).to(logits.device)
 
-    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
-        self.generators = generators
-        self.temperature = temperature
-        self.top_p = top_p
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        chosen = torch.stack(
-            [
-                torch.multinomial(probs[row].cpu(), 1, generator=gen)
-                for row, gen in enumerate(self.generators)
-            ]
-        ).to(scores.device)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, chosen, 0.0)
+def _nucleus(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """Zero all but the smallest set of top tokens whose mass reaches top_p (the first always
+    stays). A top-k pre-selection avoids sorting the whole vocabulary; rows whose nucleus is
+    wider than it (very flat distributions) fall back to a full sort, so the result is exact."""
+    k = min(candidates, probs.shape[-1])
+    top, idx = probs.topk(k, dim=-1)
+    if (top.sum(-1) < top_p).any():
+        top, idx = probs.sort(dim=-1, descending=True)
+    outside = top.cumsum(-1) - top >= top_p
+    return torch.zeros_like(probs).scatter_(-1, idx, top.masked_fill(outside, 0.0))
 
 
 class HFBackend(Backend):
@@ -99,45 +102,84 @@ class HFBackend(Backend):
     def _generate_batch(
         self, prompts: list[str], requests: list[Request], sampling: Sampling
     ) -> list[Generation]:
+        """Prefill the batch, then decode one token per step for the rows still running.
+        Finished rows leave the batch (their KV cache rows are dropped), so a batch costs what its
+        rows generate, not rows × its longest completion as with `generate`."""
+        from transformers import DynamicCache
+
         inputs = self.tokenizer(
             prompts, return_tensors="pt", padding=True, add_special_tokens=False
         ).to(self.model.device)
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=list(sampling.stop) or None,
-        )
-        processors = LogitsProcessorList()
-        if sampling.temperature > 0:
-            generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-            processors.append(PerRowSampler(generators, sampling.temperature, sampling.top_p))
-        out = self.model.generate(
-            **inputs,
-            generation_config=config,
-            logits_processor=processors,
-            tokenizer=self.tokenizer if sampling.stop else None,
-        )
-        new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        rows = list(range(len(requests)))  # batch row -> request index, for the running rows
+        tokens: list[list[int]] = [[] for _ in requests]
+        finish = ["length"] * len(requests)
+        next_pos = positions[:, -1] + 1
+        window = max((len(s) for s in sampling.stop), default=0) + 4
+        for _ in range(sampling.max_new_tokens):
+            chosen = sample_rows(
+                logits, [generators[i] for i in rows], sampling.temperature, sampling.top_p
+            ).tolist()
+            still = []
+            for b, (i, token) in enumerate(zip(rows, chosen, strict=True)):
+                if token in self.eos_ids:
+                    finish[i] = "stop"
+                    continue
+                tokens[i].append(token)
+                if sampling.stop and self._hit_stop(tokens[i][-window:], sampling.stop):
+                    finish[i] = "stop"
+                    continue
+                still.append(b)
+            if not still or len(tokens[rows[still[0]]]) >= sampling.max_new_tokens:
+                break
+            if len(still) < len(rows):
+                keep = torch.tensor(still, device=mask.device)
+                cache.batch_select_indices(keep)
+                mask, next_pos = mask[keep], next_pos[keep]
+                rows = [rows[b] for b in still]
+            step_ids = torch.tensor([[tokens[i][-1]] for i in rows], device=mask.device)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        lengths = inputs["attention_mask"].sum(-1).tolist()
         return [
-            self._finish(tokens, int(mask.sum()), sampling)
-            for tokens, mask in zip(new_tokens, inputs["attention_mask"], strict=True)
+            self._finish(tokens[i], int(lengths[i]), finish[i], sampling)
+            for i in range(len(requests))
         ]
 
-    def _finish(self, tokens: list[int], prompt_tokens: int, sampling: Sampling) -> Generation:
-        ended = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
-        kept = tokens if ended is None else tokens[:ended]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+    def _hit_stop(self, tail: list[int], stops: tuple[str, ...]) -> bool:
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    def _finish(
+        self, tokens: list[int], prompt_tokens: int, finish: str, sampling: Sampling
+    ) -> Generation:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         stop_at = [text.find(s) for s in sampling.stop if s in text]
         if stop_at:
             text = text[: min(stop_at)]
-        finished = ended is not None or bool(stop_at)
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(kept),
-            finish_reason="stop" if finished else "length",
+            completion_tokens=len(tokens),
+            finish_reason=finish,
         )
 
 
