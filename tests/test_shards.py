@@ -75,3 +75,18 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path, kill_after):
     for shard in out.glob("part-*.jsonl"):  # every shard is whole JSON lines
         for line in shard.read_text().splitlines():
             json.loads(line)
+
+
+def test_a_burst_after_a_long_wait_lands_in_one_shard(tmp_path):
+    """A batch backend returns a whole batch at once after a long wait: it must be written as
+    one shard at once, not its first record alone with the rest held until the next batch."""
+    import time
+
+    from potstill.data import ShardWriter, read_shards
+
+    with ShardWriter(tmp_path, shard_size=4, flush_seconds=0.05) as writer:
+        time.sleep(0.1)
+        for i in range(4):
+            writer.write({"id": f"a{i}", "question": "q"})
+        assert len(list(tmp_path.glob("part-*.jsonl"))) == 1
+        assert len(list(read_shards(tmp_path))) == 4

@@ -54,7 +54,8 @@ class ShardWriter:
     ...         if record["id"] not in writer.done_ids:
     ...             writer.write(process(record))
 
-    A shard is flushed every `shard_size` records or `flush_seconds`, whichever comes first.
+    A shard is flushed every `shard_size` records, or at a write once the oldest buffered record
+    is `flush_seconds` old, whichever comes first (and on close).
     """
 
     def __init__(
@@ -70,7 +71,7 @@ class ShardWriter:
         self._next_index = int(SHARD_RE.match(paths[-1].name).group(1)) + 1 if paths else 0
         self.done_ids: set[str] = {r["id"] for r in read_shards(self.directory)}
         self._buffer: list[dict] = []
-        self._last_flush = time.monotonic()
+        self._oldest = time.monotonic()
         self.written = 0
 
     def write(self, record: dict) -> None:
@@ -80,14 +81,18 @@ class ShardWriter:
         if record_id in self.done_ids:
             raise DataError(f"id '{record_id}' is already written in {self.directory}")
         self.done_ids.add(record_id)
+        if not self._buffer:
+            self._oldest = time.monotonic()
         self._buffer.append(record)
+        # Flush on size, or once the oldest buffered record has waited flush_seconds. Timing the
+        # oldest record (not the last flush) keeps a burst of results (a finished batch) together
+        # in one shard instead of flushing its first record alone and holding the rest back.
         if len(self._buffer) >= self.shard_size or (
-            time.monotonic() - self._last_flush >= self.flush_seconds
+            time.monotonic() - self._oldest >= self.flush_seconds
         ):
             self.flush()
 
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
         if not self._buffer:
             return
         path = self.directory / f"part-{self._next_index:05d}.jsonl"

@@ -186,7 +186,9 @@ def run_generate(
         samples_dir = run.path / "samples"
         start, done_samples, done_tokens = time.perf_counter(), 0, 0
         with (
-            ShardWriter(samples_dir, shard_size=max(gen.batch_size, 64), flush_seconds=10) as w,
+            # A batch backend returns a batch in one burst: one shard per batch keeps it on disk
+            # at once, instead of one record now and the rest at the next burst.
+            ShardWriter(samples_dir, shard_size=gen.batch_size, flush_seconds=10) as w,
             generation_progress(console) as progress,
             run.timed("generate"),
         ):
