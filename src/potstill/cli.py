@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -254,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; input problems become one line on stderr and exit code 2."""
     command = typer.main.get_command(app)
     signal.signal(signal.SIGTERM, _stop_cleanly)
+    # Libraries' deprecation notices about their own internals are noise to a CLI user.
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     try:
         result = command.main(args=argv, prog_name="potstill", standalone_mode=False)
         return result if isinstance(result, int) else 0

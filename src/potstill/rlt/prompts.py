@@ -130,8 +130,9 @@ def teacher_request(
 ) -> Request:
     """A generation request for the teacher: it continues the prefill with its explanation.
 
-    `system` is the rendered system prompt (see `system_prompt`); stop the generation at
-    `tags.explanation_end` or let it run and cut with `split_explanation`.
+    `system` is the rendered system prompt (see `system_prompt`). Do not make the closing tag a
+    stop string: backends cut stop strings from the output, and the tag is how
+    `split_explanation` tells a closed explanation from a truncated one.
     """
     return Request(
         key=key,

@@ -258,8 +258,10 @@ def _hidden_states(model, rows: Sequence[Sequence[int]], pad_id: int, cfg: Rewar
 
 def _gather_logprobs(model, rows, wanted: list[list[int]], pad_id: int, cfg: RewardConfig):
     """log π(x_p | x_<p) at the wanted positions of each row: one flat float32 tensor, row after
-    row. The lm_head and the log_softmax run only at those positions, `logit_chunk` at a time."""
-    hidden = _hidden_states(model, rows, pad_id, cfg)  # (B, T, H)
+    row. The lm_head and the log_softmax run only at those positions, `logit_chunk` at a time,
+    and a row's tokens after its last wanted position (closing tags) are not run at all."""
+    inputs = [r[: max(w, default=1)] for r, w in zip(rows, wanted, strict=True)]
+    hidden = _hidden_states(model, inputs, pad_id, cfg)  # (B, T, H)
     device = hidden.device
     row_idx = torch.tensor([i for i, w in enumerate(wanted) for _ in w], device=device)
     pos = torch.tensor([p for w in wanted for p in w], device=device, dtype=torch.long)

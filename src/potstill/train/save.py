@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from potstill.fsutil import replace_dir
@@ -24,7 +25,11 @@ def save_final(model, tokenizer, path: Path, *, merge: bool, base_spec: str | No
             config.base_model_name_or_path = base_spec
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with warnings.catch_warnings():
+        # PEFT looks for the base's config under the spec to check the vocabulary; a kit name is
+        # not a path, and the vocabulary is unchanged by LoRA, so its warning says nothing here.
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, path)
     return path
