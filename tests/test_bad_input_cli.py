@@ -119,3 +119,10 @@ def test_vocab_mismatch(tiny_model_dir, other_vocab_dir):
     assert_one_line_error(proc, "teacher and student tokenizers differ", "ids differ")
     ok = run_cli("models", "check-vocab", str(tiny_model_dir), str(tiny_model_dir))
     assert ok.returncode == 0 and "one vocabulary" in ok.stdout
+
+
+def test_usage_errors_exit_2_without_a_traceback():
+    for args in (["generate", "--bogus"], ["rlt", "score", "--teacher", "x"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "Error: " in proc.stderr

@@ -364,7 +364,7 @@ def test_run_curate_refuses_bad_input_before_creating_the_run(tmp_path):
 def test_config_validation_and_example_yaml():
     from pathlib import Path
 
-    example = Path(__file__).parent.parent / "configs" / "curate-example.yaml"
+    example = Path(__file__).parent.parent / "configs" / "curate-gsm.yaml"
     cfg = load_config(CurateConfig, example)
     assert cfg.select.k >= 1 and cfg.rewrite.enabled is False
     with pytest.raises(ConfigError, match=r"select.k: must be > 0"):

@@ -19,12 +19,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from potstill.errors import ConfigError, NotBuiltError, PotstillError
+
+try:  # newer typer carries its own copy of click; its commands raise that copy's exceptions
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - typer on the real click
+    from click import ClickException
 
 app = typer.Typer(
     help="Knowledge distillation for language models: logits, sequences, RL-trained teachers.",
@@ -220,6 +224,25 @@ def serve(
     serve_main(model, host, port, batch_size, model_name=model_name, api_key_env=api_key_env)
 
 
+@rlt_app.command("score")
+def rlt_score(
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher model spec.")],
+    student: Annotated[str, typer.Option("--student", help="Student model spec.")],
+    in_path: Annotated[
+        Path, typer.Option("--in", help="Records with question/solution/explanation.")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .jsonl or .parquet.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score explanations with the RLT reward (r^SS - lambda r^KL) for a student."""
+    from potstill.config import load_config
+    from potstill.rlt.score import RLTScoreConfig, run_score
+
+    overrides = [*(set_ or []), f"teacher.name={teacher}", f"student.name={student}"]
+    run_score(load_config(RLTScoreConfig, config, overrides), in_path, out_path, console)
+
+
 def _not_built(verb: str, issue: str):
     def command(ctx: typer.Context) -> None:
         raise NotBuiltError(
@@ -240,7 +263,7 @@ for verb, issue in (
 teacher_app.command("cache", context_settings=_PASS_ARGS)(
     _not_built("teacher cache", "offline top-k logit cache: logit distillation training")
 )
-for verb in ("score", "warmup", "train", "explain"):
+for verb in ("warmup", "train", "explain"):
     rlt_app.command(verb, context_settings=_PASS_ARGS)(
         _not_built(f"rlt {verb}", "reinforcement-learned teachers")
     )
@@ -267,12 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
 

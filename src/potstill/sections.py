@@ -276,12 +276,14 @@ class GenerateConfig:
 def _stage_configs() -> dict[str, type]:
     # Stages whose configs live beside their code import this module, so they are added lazily.
     from potstill.curate.pipeline import CurateConfig
+    from potstill.rlt.score import RLTScoreConfig
 
     return {
         "quickstart": QuickstartConfig,
         "generate": GenerateConfig,
         "curate": CurateConfig,
         "sft": SFTConfig,
+        "rlt_score": RLTScoreConfig,
     }
 
 
