@@ -96,15 +96,17 @@ def split_too_long(
     """Requests whose prompt fits, and skipped records (with `drop_reason`) for those that don't."""
     if limit is None:
         return pairs, []
-    kept, skipped, seen = [], [], set()
+    kept, skipped, lengths = [], [], {}
     for request, record in pairs:
-        length = backend.prompt_tokens(request)
+        # the N samples of a record share one prompt: measure it once
+        if record["id"] not in lengths:
+            lengths[record["id"]] = length = backend.prompt_tokens(request)
+            if length is not None and length > limit:
+                reason = f"prompt_too_long: {length} tokens > {limit}"
+                skipped.append({**record, "drop_reason": reason})
+        length = lengths[record["id"]]
         if length is None or length <= limit:
             kept.append((request, record))
-        elif record["id"] not in seen:
-            seen.add(record["id"])
-            reason = f"prompt_too_long: {length} tokens > {limit}"
-            skipped.append({**record, "drop_reason": reason})
     return kept, skipped
 
 
