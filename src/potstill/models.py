@@ -21,7 +21,7 @@ from potstill.kit.convert import check_gguf, convert_gguf, is_converted
 from potstill.kit.prepare import prepare
 from potstill.kit.registry import KIT, closest_kit_name
 from potstill.paths import cache_dir
-from potstill.sections import LoraConfig
+from potstill.sections import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -167,6 +167,16 @@ def load_model(
     if lora is not None:
         model = apply_lora(model, lora)
     return model
+
+
+def load_configured(cfg: ModelConfig):
+    """(model, tokenizer) as a config section asks: spec, dtype, device, trust_remote_code.
+    LoRA is not applied here: trainers apply it after seeding, so its initial weights repeat."""
+    tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(
+        cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+    )
+    return model, tokenizer
 
 
 def _adapter_dir(spec) -> Path | None:

@@ -127,15 +127,9 @@ def score_records(
 
 
 def _load(model_cfg: ModelConfig):
-    from potstill.models import load_model, load_tokenizer
+    from potstill.models import load_configured
 
-    model = load_model(
-        model_cfg.name,
-        dtype=model_cfg.dtype,
-        device=model_cfg.device,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    tokenizer = load_tokenizer(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    model, tokenizer = load_configured(model_cfg)
     return model.eval(), tokenizer
 
 

@@ -34,14 +34,8 @@ def make_backend(model: ModelConfig, backend: BackendConfig, *, batch_size: int 
             trust_remote_code=model.trust_remote_code,
             model_id=model.name,
         )
-    from potstill.models import load_model, load_tokenizer
+    from potstill.models import load_configured
     from potstill.teacher.hf_backend import HFBackend
 
-    tokenizer = load_tokenizer(model.name, trust_remote_code=model.trust_remote_code)
-    hf_model = load_model(
-        model.name,
-        dtype=model.dtype,
-        device=model.device,
-        trust_remote_code=model.trust_remote_code,
-    )
+    hf_model, tokenizer = load_configured(model)
     return HFBackend(hf_model, tokenizer, batch_size=batch_size, model_id=model.name)
