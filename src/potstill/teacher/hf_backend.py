@@ -3,7 +3,7 @@
 Prompts are sorted by token length so a batch wastes little padding, and padded on the left so every
 row's new tokens start at the same column. The decoding loop is our own, on the model's KV cache:
 rows that finish leave the batch at once (HF `generate` keeps computing them until the longest row
-ends, which on CPU wastes a third to half of the work for reasoning traces of mixed length). Each
+ends; how much that saves depends on how much completion lengths vary and is not benchmarked). Each
 row samples with its own `torch.Generator`, so a request's sample depends on its seed alone, not
 on which other requests share its batch. The model's `generation_config` defaults (e.g. Qwen's
 repetition penalty and top-k) are not applied: the sample is exactly what `Sampling` says.
