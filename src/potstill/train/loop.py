@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -151,25 +153,28 @@ def train(
                         accelerator.backward(loss * world)
                     for key, value in {"loss": loss.item(), **parts}.items():
                         sums[key] = sums.get(key, 0.0) + value
-                grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.micro_batches += window
-                state.tokens += window_tokens
-                elapsed = time.perf_counter() - start
-                last = {
-                    **{k: _global_sum(accelerator, v) for k, v in sums.items()},
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
-                }
-                accelerator.log(last, step=state.step)
-                if accelerator.is_main_process:
-                    _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})
-                run.logger.info("step %d %s", state.step, _fmt(last))
-                progress.update(bar, completed=state.step, info=_fmt(last, short=True))
+                # The step, its bookkeeping and its log line happen together or not at all: an
+                # interrupt in between would checkpoint the weights of step n as step n - 1.
+                with _deferred_interrupts():
+                    grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    state.micro_batches += window
+                    state.tokens += window_tokens
+                    elapsed = time.perf_counter() - start
+                    last = {
+                        **{k: _global_sum(accelerator, v) for k, v in sums.items()},
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
+                    }
+                    accelerator.log(last, step=state.step)
+                    if accelerator.is_main_process:
+                        _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})
+                    run.logger.info("step %d %s", state.step, _fmt(last))
+                    progress.update(bar, completed=state.step, info=_fmt(last, short=True))
                 if state.step % cfg.save_every == 0 or state.step == steps:
                     _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
     except KeyboardInterrupt:
@@ -180,6 +185,25 @@ def train(
     finally:
         accelerator.end_training()
     return {"step": state.step, "steps": steps, "tokens": state.tokens, **last}
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Hold Ctrl-C/SIGTERM until the block ends, then raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg) -> None:
