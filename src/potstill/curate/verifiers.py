@@ -65,8 +65,14 @@ def _compiled(pattern: str) -> re.Pattern:
 
 def verify(record: dict, completion: str) -> float:
     """Score `completion` against the record's answer with the record's task verifier."""
+    if (record.get("task") or "exact") == "math":
+        return score_answer(record, completion)  # math-verify finds the answer itself
+    return score_answer(record, extract_answer(completion))
+
+
+def score_answer(record: dict, answer: str) -> float:
+    """Score an already extracted answer with the record's task verifier."""
     task = record.get("task") or "exact"
-    answer = extract_answer(completion)
     gold = record.get("answer") or record.get("solution") or ""
     if task.startswith("rg:"):
         entry = {
@@ -79,7 +85,7 @@ def verify(record: dict, completion: str) -> float:
         from math_verify import parse
         from math_verify import verify as math_equal
 
-        return float(math_equal(parse(gold), parse(completion)))
+        return float(math_equal(parse(gold), parse(answer)))
     if task == "regex":
         try:
             pattern = _compiled(gold)
@@ -90,3 +96,37 @@ def verify(record: dict, completion: str) -> float:
             ) from None
         return float(pattern.fullmatch(answer.strip()) is not None)
     return float(answer == gold.strip())
+
+
+def check_gold(records: list[dict], where: str) -> None:
+    """Refuse records whose own gold answer their verifier does not accept: such a record can
+    only ever score 0, which would quietly lower every model's accuracy."""
+    for record in records:
+        task = record.get("task") or "exact"
+        gold = record.get("answer") or record.get("solution") or ""
+        if task == "regex":
+            score_answer(record, "")  # compiles the pattern; a bad one raises naming the record
+            continue
+        if not gold.strip():
+            raise DataError(f"{where}: record '{record.get('id')}' has no answer to verify against")
+        if task == "math":
+            from math_verify import parse
+
+            if not parse(gold):
+                raise DataError(
+                    f"{where}: record '{record.get('id')}': math-verify cannot parse the gold "
+                    f"answer {gold[:60]!r}; write it as a number or LaTeX expression"
+                )
+            continue
+        try:
+            score = score_answer(record, gold)
+        except Exception as exc:  # a scorer that crashes on its own gold answer
+            raise DataError(
+                f"{where}: record '{record.get('id')}': the {task} verifier fails on the "
+                f"record's own answer {gold[:60]!r} ({type(exc).__name__}: {exc})"
+            ) from None
+        if score < 1.0:
+            raise DataError(
+                f"{where}: record '{record.get('id')}': the {task} verifier does not accept the "
+                f"record's own answer {gold[:60]!r}; fix the answer or pick the right task"
+            )
