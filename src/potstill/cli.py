@@ -243,6 +243,15 @@ def rlt_score(
     run_score(load_config(RLTScoreConfig, config, overrides), in_path, out_path, console)
 
 
+@app.command("eval")
+def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Accuracy (pass@k, maj@k) of models on held-out tasks with real verifiers, and their cost."""
+    from potstill.config import load_config
+    from potstill.eval.run import EvalConfig, run_eval
+
+    run_eval(load_config(EvalConfig, config, set_ or []), console)
+
+
 def _not_built(verb: str, issue: str):
     def command(ctx: typer.Context) -> None:
         raise NotBuiltError(
@@ -256,7 +265,6 @@ def _not_built(verb: str, issue: str):
 _PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 for verb, issue in (
     ("distill", "logit distillation training"),
-    ("eval", "evaluation and cost accounting"),
     ("report", "HTML report"),
 ):
     app.command(verb, context_settings=_PASS_ARGS)(_not_built(verb, issue))

@@ -276,6 +276,7 @@ class GenerateConfig:
 def _stage_configs() -> dict[str, type]:
     # Stages whose configs live beside their code import this module, so they are added lazily.
     from potstill.curate.pipeline import CurateConfig
+    from potstill.eval.run import EvalConfig
     from potstill.rlt.score import RLTScoreConfig
 
     return {
@@ -284,6 +285,7 @@ def _stage_configs() -> dict[str, type]:
         "curate": CurateConfig,
         "sft": SFTConfig,
         "rlt_score": RLTScoreConfig,
+        "eval": EvalConfig,
     }
 
 
