@@ -197,6 +197,22 @@ def sft(
 
 
 @app.command()
+def distill(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Require a checkpoint to continue from.")
+    ] = False,
+) -> None:
+    """Logit distillation (teacher online, from an offline cache, or on-policy); reruns resume."""
+    from potstill.config import load_config
+    from potstill.train.distill import run_distill
+    from potstill.train.distill_config import DistillConfig
+
+    run_distill(load_config(DistillConfig, config, set_ or []), console, resume=resume)
+
+
+@app.command()
 def curate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Verify, filter, deduplicate and select teacher samples; prints the funnel."""
     from potstill.config import load_config
@@ -264,7 +280,6 @@ def _not_built(verb: str, issue: str):
 
 _PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 for verb, issue in (
-    ("distill", "logit distillation training"),
     ("report", "HTML report"),
 ):
     app.command(verb, context_settings=_PASS_ARGS)(_not_built(verb, issue))

@@ -66,14 +66,30 @@ def describe_input(spec: str) -> dict:
     return {"spec": spec}
 
 
-def _first_difference(a, b, prefix: str = "") -> str | None:
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Every changed key, as 'key (old before, new now)', in key order."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return None if a == b else f"{prefix.rstrip('.')} ({a!r} before, {b!r} now)"
+        return [
+            found
+            for key in sorted(set(a) | set(b), key=str)
+            for found in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [f"{prefix.rstrip('.')} ({a!r} before, {b!r} now)"]
+
+
+def check_same_config(path: str | Path, config) -> None:
+    """Refuse a run directory made with another config, naming every changed key. Cheap: a
+    trainer calls it before loading models, so a changed `--resume` fails at once."""
+    config_path = Path(path) / "config.yaml"
+    if not config_path.is_file():
+        return
+    diffs = _differences(yaml.safe_load(config_path.read_text()), to_dict(config))
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise ConfigError(
+            f"{path} holds a run with another config: {shown}; "
+            "use a new output_dir, or delete the old run to start over"
+        )
 
 
 class RunDir:
@@ -83,17 +99,9 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
-        resolved = to_dict(config)
+        check_same_config(self.path, config)
         config_path = self.path / "config.yaml"
-        if config_path.is_file():
-            before = yaml.safe_load(config_path.read_text())
-            diff = _first_difference(before, resolved)
-            if diff:
-                raise ConfigError(
-                    f"{self.path} holds a run with another config: {diff}; "
-                    "use a new output_dir, or delete the old run to start over"
-                )
-        else:
+        if not config_path.is_file():
             atomic_write_text(config_path, dump_yaml(config))
         if self.manifest_path.is_file():
             self.manifest = json.loads(self.manifest_path.read_text())

@@ -278,12 +278,14 @@ def _stage_configs() -> dict[str, type]:
     from potstill.curate.pipeline import CurateConfig
     from potstill.eval.run import EvalConfig
     from potstill.rlt.score import RLTScoreConfig
+    from potstill.train.distill_config import DistillConfig
 
     return {
         "quickstart": QuickstartConfig,
         "generate": GenerateConfig,
         "curate": CurateConfig,
         "sft": SFTConfig,
+        "distill": DistillConfig,
         "rlt_score": RLTScoreConfig,
         "eval": EvalConfig,
     }

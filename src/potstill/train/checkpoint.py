@@ -5,7 +5,8 @@
         optimizer.pt            optimizer state (tensors + numbers; loaded with weights_only=True)
         scheduler.json          the LR scheduler's state
         rng.pt                  torch CPU (and CUDA) generator states
-        state.json              step, micro-batches consumed, tokens seen; written last = complete
+        state.json              step, micro-batches consumed, tokens seen, trainer state (JSON);
+                                written last = complete
 
 A checkpoint is written into a temporary directory and renamed into place, so a kill leaves either
 the previous checkpoint or the new one, never half of one. No pickle anywhere.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ class LoopState:
     """Micro-batches consumed (the data position, counted over all processes)."""
     tokens: int = 0
     """Target tokens trained on."""
+    extra: dict = field(default_factory=dict)
+    """A trainer's own JSON state (`StepHooks.state_dict`), e.g. the EMAs of a dynamic α."""
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

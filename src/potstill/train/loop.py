@@ -31,6 +31,32 @@ LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, float]]]
 """(model, micro_batch, target_tokens_in_window) -> (normalised loss, parts to log)."""
 
 
+class StepHooks:
+    """What a trainer may add to the shared loop; the defaults do nothing.
+
+    Everything here must be a pure function of the step, the micro-batch index and the trainer's
+    own state (saved in each checkpoint), so a resumed run repeats an uninterrupted one exactly.
+    """
+
+    def rollout(self, model, micro_batch: int, items: list) -> list:
+        """Replace a micro-batch's examples before collation (on-policy samples, say); runs with
+        the weights of the step about to be taken."""
+        return items
+
+    def before_step(self, step: int, steps: int) -> None:
+        """Called before the micro-batches of optimizer step `step` (0-based) of `steps`."""
+
+    def after_step(self, step: int, logged: dict[str, float]) -> None:
+        """Called after optimizer step `step` (1-based) with the window's logged values."""
+
+    def state_dict(self) -> dict:
+        """JSON-able state to checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output on resume."""
+
+
 @dataclass
 class DataPlan:
     """Micro-batches by global index: epoch e is a seeded permutation of the examples."""
@@ -87,9 +113,11 @@ def train(
     log_with: list[str],
     console: Console,
     require_checkpoint: bool = False,
+    hooks: StepHooks | None = None,
 ) -> dict:
     """Train until the planned number of steps; checkpoint every `save_every`; resume if a
     checkpoint exists. Returns the final state and last logged values."""
+    hooks = hooks or StepHooks()
     from transformers import get_scheduler
 
     accelerator = make_accelerator(cfg, run, log_with)
@@ -113,6 +141,7 @@ def train(
     found = list_checkpoints(ckpt_dir)
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        hooks.load_state_dict(state.extra)
         console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
     elif require_checkpoint:
         from potstill.errors import ConfigError
@@ -136,9 +165,16 @@ def train(
         with progress:
             bar = progress.add_task("train", total=steps, completed=state.step, info="")
             while state.step < steps:
+                hooks.before_step(state.step, steps)
                 first = state.micro_batches
                 mine = [
-                    collate([examples[i] for i in plan.indices(m)])
+                    collate(
+                        hooks.rollout(
+                            accelerator.unwrap_model(model),
+                            m,
+                            [examples[i] for i in plan.indices(m)],
+                        )
+                    )
                     for m in range(first + rank, first + window, world)
                 ]
                 tokens = torch.tensor(sum(count_tokens(b) for b in mine), device=accelerator.device)
@@ -170,6 +206,8 @@ def train(
                         "grad_norm": grad_norm,
                         "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
                     }
+                    hooks.after_step(state.step, last)
+                    state.extra = hooks.state_dict()
                     accelerator.log(last, step=state.step)
                     if accelerator.is_main_process:
                         _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})

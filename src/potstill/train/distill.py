@@ -1,0 +1,348 @@
+"""`potstill distill`: logit distillation of a student from a teacher's token distributions.
+
+    potstill distill --config configs/distill-cpu.yaml [--resume]
+
+Examples are built exactly as `potstill sft` builds them (prompt masked, target + end-of-turn).
+Per micro-batch, top to bottom:
+
+1. on_policy mode only: with probability λ the targets become the student's own samples (GKD);
+2. the student's final hidden states at target positions (no [T, V] logits);
+3. the teacher: online, its final hidden states from a forward in inference mode (no gradients,
+   no logits); offline, the cached top-k ids and log-probs of each record's target tokens;
+4. `chunked_kd_loss` projects both through their lm_heads chunk by chunk and mixes
+   loss = (1 - α) CE + α T² soft, summed over target tokens / target tokens in the whole window.
+
+The loop (`train.loop.train`) does accumulation, clipping, the LR schedule, checkpoints and exact
+resume, and logs the parts (ce, soft, kd_ratio), lr and tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from potstill.data import read_records
+from potstill.errors import ConfigError, DataError, ModelError
+from potstill.losses import (
+    Balance,
+    Schedule,
+    TeacherConfidence,
+    TeacherHidden,
+    TeacherTopK,
+    chunked_kd_loss,
+)
+from potstill.losses.reduce import IGNORE_INDEX
+from potstill.prompts import load_prompt
+from potstill.runs import RunDir, check_same_config
+from potstill.train.distill_config import DistillConfig, KDRatioConfig
+from potstill.train.loop import StepHooks
+from potstill.train.sft import Example, build_example, collate, count_tokens
+
+
+@dataclass
+class Item:
+    example: Example
+    record_id: str
+    messages: tuple[dict, ...]
+    """The prompt (system + user), for on-policy samples."""
+    sampled: bool = False
+    """The target is the student's own sample (on-policy)."""
+
+
+def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int]]:
+    """One item per record with a target token left after truncation (the others are counted)."""
+    data = cfg.data
+    records = read_records(data.source, limit=data.limit)
+    system = load_prompt(data.system_prompt) if data.system_prompt else None
+    items, skipped = [], 0
+    for record in records:
+        for name in (data.prompt_field, data.target_field):
+            if not isinstance(record.get(name), str):
+                raise DataError(
+                    f"{data.source}: record '{record['id']}' has no text field '{name}'; set "
+                    f"data.{'prompt' if name == data.prompt_field else 'target'}_field"
+                )
+        messages = ({"role": "user", "content": record[data.prompt_field]},)
+        if system:
+            messages = ({"role": "system", "content": system}, *messages)
+        ex = build_example(tokenizer, messages, record[data.target_field], cfg.train.max_seq_len)
+        if ex is None:
+            skipped += 1
+        else:
+            items.append(Item(ex, str(record["id"]), messages))
+    if not items:
+        raise DataError(
+            f"{data.source}: no record has a target token within train.max_seq_len="
+            f"{cfg.train.max_seq_len}; raise it"
+        )
+    counts = {
+        "records": len(records),
+        "skipped_no_target_tokens": skipped,
+        "sequences": len(items),
+        "target_tokens": sum(i.example.target_tokens for i in items),
+    }
+    return items, counts
+
+
+def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch.Tensor]:
+    """sft's tensors, plus (offline) the teacher's top-k of every target token in row order,
+    and whether the targets are student samples."""
+    batch = collate([item.example for item in items], pad_id)
+    batch["sampled"] = torch.tensor(any(item.sampled for item in items))
+    if cache is not None:
+        # Target tokens in row-major order of labels[:, 1:]: each record's, in order.
+        parts = [cache_rows(cache, item) for item in items]
+        batch["teacher_ids"] = torch.cat([p.ids for p in parts]).long()
+        batch["teacher_log_probs"] = torch.cat([p.log_probs for p in parts]).float()
+    return batch
+
+
+def cache_rows(cache, item: Item) -> TeacherTopK:
+    """The cached top-k rows of this item's predicted target tokens (positions t >= 1 with a
+    label, in order). A max_seq_len shorter than the cache's takes a prefix of them."""
+    top = cache.get(item.record_id)
+    n = sum(label != IGNORE_INDEX for label in item.example.labels[1:])
+    if top.ids.shape[0] < n:
+        raise DataError(
+            f"teacher cache has {top.ids.shape[0]} positions for record '{item.record_id}' but "
+            f"its target has {n} tokens: the cache was made with another system prompt, fields "
+            "or a shorter max_seq_len; make it again with this config's data settings"
+        )
+    return TeacherTopK(top.ids[:n], top.log_probs[:n])
+
+
+def make_kd_ratio(cfg: KDRatioConfig):
+    """The α strategy object of the config (see potstill.losses.weighting); a schedule's length
+    is set by the loop, which knows the number of steps."""
+    if cfg.strategy == "fixed":
+        return cfg.value
+    if cfg.strategy == "schedule":
+        return Schedule(cfg.start, cfg.end, 1, cfg.shape)
+    if cfg.strategy == "teacher_confidence":
+        return TeacherConfidence(cfg.confidence, cfg.floor, cfg.ceil)
+    return Balance(cfg.share, cfg.momentum)
+
+
+class DistillHooks(StepHooks):
+    """α per step (schedule, balance) and on-policy samples, both resumable."""
+
+    def __init__(self, cfg: DistillConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.strategy = make_kd_ratio(cfg.loss.kd_ratio)
+        self.kd_ratio = self.strategy  # a number, or TeacherConfidence (evaluated per token)
+
+    def before_step(self, step: int, steps: int) -> None:
+        if isinstance(self.strategy, Schedule):
+            self.strategy.total_steps = steps
+            self.kd_ratio = self.strategy(step=step)
+        elif isinstance(self.strategy, Balance):
+            self.kd_ratio = self.strategy()
+
+    def after_step(self, step: int, logged: dict[str, float]) -> None:
+        if isinstance(self.strategy, Balance):
+            self.strategy.update(logged["ce"], self.cfg.loss.temperature**2 * logged["soft"])
+
+    def state_dict(self) -> dict:
+        if isinstance(self.strategy, Balance):
+            return {"ce_ema": self.strategy.ce_ema, "soft_ema": self.strategy.soft_ema}
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(self.strategy, Balance) and state:
+            self.strategy.ce_ema, self.strategy.soft_ema = state["ce_ema"], state["soft_ema"]
+
+    def rollout(self, model, micro_batch: int, items: list) -> list:
+        if self.cfg.teacher.mode != "on_policy":
+            return items
+        from potstill.train.onpolicy import on_policy_rollout
+
+        return on_policy_rollout(
+            items,
+            model,
+            self.tokenizer,
+            seed=self.cfg.train.seed,
+            micro_batch=micro_batch,
+            cfg=self.cfg.teacher.on_policy,
+            max_len=self.cfg.train.max_seq_len,
+        )
+
+
+def online_teacher(teacher):
+    """batch, mask -> TeacherHidden: the teacher's final hidden states at target positions."""
+    backbone, head = teacher.base_model, teacher.get_output_embeddings()
+
+    def hidden_states(batch, mask):
+        with torch.inference_mode():
+            out = backbone(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            )
+            hidden = out.last_hidden_state[:, :-1][mask]  # (N, H_t)
+        return TeacherHidden(hidden, head.weight, head.bias)
+
+    return hidden_states
+
+
+def offline_teacher(batch, mask) -> TeacherTopK:
+    return TeacherTopK(batch["teacher_ids"], batch["teacher_log_probs"])
+
+
+def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
+    """(model, micro_batch, window_tokens) -> (loss, parts) for the shared loop."""
+    loss_cfg, params = cfg.loss, cfg.loss.divergence_params()
+
+    def kd_step_loss(model, batch, window_tokens):
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX  # (B, T-1)
+        # Through the (possibly DDP-wrapped) model, keeping one logit: the final hidden states
+        # (after the last norm) are what the lm_head would see.
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        head = getattr(model, "module", model).get_output_embeddings()
+        hidden = out.hidden_states[-1][:, :-1][mask].to(head.weight.dtype)  # (N, H)
+        # GKD: on the student's own samples the hard label is its own token; only the teacher
+        # teaches there.
+        kd_ratio = 1.0 if bool(batch["sampled"]) else hooks.kd_ratio
+        result = chunked_kd_loss(
+            hidden,
+            head.weight,
+            labels[mask],
+            teacher_of(batch, mask),
+            student_bias=head.bias,
+            divergence=loss_cfg.divergence,
+            temperature=loss_cfg.temperature,
+            kd_ratio=kd_ratio,
+            num_target_tokens=window_tokens,
+            tail=loss_cfg.tail,
+            chunk_size=loss_cfg.chunk_size,
+            **params,
+        )
+        tokens = result.tokens
+        alpha = 0.0 if math.isnan(result.kd_ratio_mean) else result.kd_ratio_mean
+        return result.loss, {
+            "ce": result.ce_sum / window_tokens,
+            "soft": result.soft_sum / window_tokens,
+            "kd_ratio": alpha * tokens / window_tokens,
+            "sampled_tokens": float(tokens) if bool(batch["sampled"]) else 0.0,
+        }
+
+    return kd_step_loss
+
+
+def open_teacher_cache(cfg: DistillConfig, tokenizer, vocab_size: int, items: list[Item]):
+    """The offline cache, checked against this student's tokenizer and teacher, covering every
+    record (the first missing one is named)."""
+    from potstill.teacher.cache import open_cache
+
+    cache = open_cache(
+        cfg.teacher.cache,
+        tokenizer=tokenizer,
+        teacher=cfg.teacher.model.name,
+        vocab_size=vocab_size,
+    )
+    missing = next((item.record_id for item in items if item.record_id not in cache), None)
+    if missing is not None:
+        raise DataError(
+            f"{cfg.teacher.cache}: no entry for record '{missing}'; the cache was made from other "
+            f"records than {cfg.data.source}: run `potstill teacher cache` on them"
+        )
+    meta_t = cache.meta.get("temperature")
+    if meta_t is not None and float(meta_t) != cfg.loss.temperature:
+        raise ConfigError(
+            f"loss.temperature={cfg.loss.temperature} but the cache holds log-probs at "
+            f"temperature {meta_t}; set loss.temperature={meta_t} or cache again"
+        )
+    return cache
+
+
+def load_teacher(cfg: DistillConfig, student_vocab: int, device):
+    from potstill.models import load_model
+
+    spec = cfg.teacher.model
+    teacher = load_model(
+        spec.name, dtype=spec.dtype, device=str(device), trust_remote_code=spec.trust_remote_code
+    )
+    teacher.eval().requires_grad_(False)  # never trained: no gradients, no optimizer state
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if rows != student_vocab:
+        raise ModelError(
+            f"teacher lm_head has {rows:,} rows, the student's {student_vocab:,}: logit "
+            "distillation needs one vocabulary; pick models of one family"
+        )
+    return teacher
+
+
+def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
+    from potstill.models import apply_lora, check_same_vocab, load_model, load_tokenizer
+    from potstill.train.loop import train
+    from potstill.train.save import save_final
+
+    console = console or Console(stderr=True)
+    check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
+    tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
+    online = cfg.teacher.mode != "offline"
+    if online:
+        spec = cfg.teacher.model
+        check_same_vocab(
+            load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code), tokenizer
+        )
+    items, counts = load_items(cfg, tokenizer)
+    console.print(
+        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
+        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
+    )
+    student = load_model(
+        cfg.student.name,
+        dtype=cfg.student.dtype,
+        device=cfg.student.device,
+        trust_remote_code=cfg.student.trust_remote_code,
+    )
+    vocab = student.get_output_embeddings().weight.shape[0]
+    cache = None if online else open_teacher_cache(cfg, tokenizer, vocab, items)
+    teacher = load_teacher(cfg, vocab, student.device) if online else None
+    if cfg.student.lora:
+        torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
+        student = apply_lora(student, cfg.student.lora)
+        if cfg.train.gradient_checkpointing:
+            student.enable_input_require_grads()
+    hooks = DistillHooks(cfg, tokenizer)
+    teacher_of = online_teacher(teacher) if online else offline_teacher
+    pad_id = tokenizer.pad_token_id or 0
+    inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])
+    with RunDir(cfg.run.output_dir, command="distill", config=cfg, inputs=inputs) as run:
+        run.count(**counts)
+        with run.timed("train"):
+            result = train(
+                cfg=cfg.train,
+                model=student,
+                examples=items,
+                collate=lambda batch: collate_items(batch, pad_id, cache),
+                count_tokens=count_tokens,
+                loss_fn=make_loss_fn(cfg, teacher_of, hooks),
+                run=run,
+                log_with=cfg.run.log_with,
+                console=console,
+                require_checkpoint=resume,
+                hooks=hooks,
+            )
+        final = save_final(
+            student,
+            tokenizer,
+            run.path / "final",
+            merge=cfg.train.merge_lora,
+            base_spec=cfg.student.name,
+        )
+        run.count(steps=result["step"], final_loss=result.get("loss", math.nan))
+    console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
+    return result

@@ -1,0 +1,147 @@
+"""The `potstill distill` config: student, teacher (online, offline cache, on-policy), loss, data.
+
+Each field's help is the docstring under it (`potstill config show distill`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from potstill.config import check
+from potstill.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
+
+
+@dataclass
+class OnPolicyConfig:
+    lmbda: float = 0.5
+    """GKD's λ: the fraction of micro-batches whose target is replaced by the student's own
+    sample of the prompt (scored by the online teacher). Drawn per micro-batch from the seed."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's samples (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus mass of the student's samples."""
+    max_new_tokens: int = 128
+    """Longest student sample."""
+
+    def __post_init__(self):
+        check(0.0 <= self.lmbda <= 1.0, f"lmbda: must be in [0, 1], got {self.lmbda}")
+        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class DistillTeacherConfig:
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
+    )
+    """The teacher (same vocabulary as the student). Offline, only its name is checked against
+    the cache's; online it runs in inference mode, bf16 where the GPU has it (dtype: auto)."""
+    mode: Literal["online", "offline", "on_policy"] = "online"
+    """online: the teacher runs beside the student; offline: top-k log-probs from a cache
+    (`potstill teacher cache`); on_policy: online, plus GKD's student samples (see on_policy)."""
+    cache: str | None = None
+    """Offline mode: the cache directory `potstill teacher cache` wrote."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """Settings of on_policy mode."""
+
+    def __post_init__(self):
+        check(
+            self.mode != "offline" or bool(self.cache),
+            "mode: offline needs teacher.cache (the directory `potstill teacher cache` wrote)",
+        )
+
+
+@dataclass
+class KDRatioConfig:
+    strategy: Literal["fixed", "schedule", "teacher_confidence", "balance"] = "fixed"
+    """How α (the soft loss's weight) is chosen; see docs/losses.md. fixed: `value`;
+    schedule: start -> end over training; teacher_confidence: per token from the teacher;
+    balance: keeps the soft term's share of the loss at `share`."""
+    value: float = 0.5
+    """fixed: α."""
+    start: float = 0.0
+    """schedule: α at step 0."""
+    end: float = 1.0
+    """schedule: α at the last step."""
+    shape: Literal["linear", "cosine"] = "linear"
+    """schedule: the curve between start and end."""
+    confidence: Literal["gold", "entropy"] = "gold"
+    """teacher_confidence: gold = the teacher's probability of the gold token; entropy = 1 - its
+    normalised entropy."""
+    floor: float = 0.0
+    """teacher_confidence: lowest α."""
+    ceil: float = 1.0
+    """teacher_confidence: highest α."""
+    share: float = 0.5
+    """balance: the soft term's share of the loss."""
+    momentum: float = 0.9
+    """balance: EMA momentum of the two terms' magnitudes."""
+
+    def __post_init__(self):
+        for name in ("value", "start", "end", "floor", "ceil", "share", "momentum"):
+            value = getattr(self, name)
+            check(0.0 <= value <= 1.0, f"{name}: must be in [0, 1], got {value}")
+        check(self.floor <= self.ceil, f"floor ({self.floor}) must not exceed ceil ({self.ceil})")
+
+
+@dataclass
+class KDLossConfig:
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"
+    ] = "forward_kl"
+    """Soft loss between teacher p and student q (docs/losses.md has each formula)."""
+    beta: float = 0.5
+    """jsd only: the mixture weight β of m = β p + (1 - β) q."""
+    skew: float = 0.1
+    """skew_forward_kl / skew_reverse_kl only: the skew α."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions; the soft loss is scaled by T². Offline, the
+    cache's log-probs are used as cached: make it at this temperature."""
+    kd_ratio: KDRatioConfig = field(default_factory=KDRatioConfig)
+    """α of loss = (1 - α) CE + α T² soft."""
+    tail: Literal["bucket", "renormalise"] = "bucket"
+    """Offline top-k teacher: the mass outside the k tokens as one bucket, or renormalised away."""
+    chunk_size: int | None = None
+    """Tokens per lm_head chunk of the fused loss (default: ~512 MiB of float32 logits)."""
+
+    def __post_init__(self):
+        check(0.0 <= self.beta <= 1.0, f"beta: must be in [0, 1], got {self.beta}")
+        check(0.0 <= self.skew <= 1.0, f"skew: must be in [0, 1], got {self.skew}")
+        check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        check(
+            self.chunk_size is None or self.chunk_size > 0,
+            f"chunk_size: must be > 0, got {self.chunk_size}",
+        )
+
+    def divergence_params(self) -> dict[str, float]:
+        if self.divergence == "jsd":
+            return {"beta": self.beta}
+        if self.divergence.startswith("skew_"):
+            return {"alpha": self.skew}
+        return {}
+
+
+@dataclass
+class DistillConfig:
+    """Logit distillation: the student learns the teacher's token distributions on records."""
+
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig()))
+    """The student being trained (LoRA by default; omit lora for full fine-tuning)."""
+    teacher: DistillTeacherConfig = field(default_factory=DistillTeacherConfig)
+    """The teacher and where its distributions come from."""
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
+    """Divergence, temperature, hard/soft mix."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Records: prompt (system prompt + prompt_field) and target (target_field)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+    """Optimiser, schedule, batch, checkpoints."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
+
+    def __post_init__(self):
+        check(
+            not self.train.packing,
+            "train.packing: not supported by distill (teacher positions follow each record); "
+            "set train.packing=false",
+        )
