@@ -43,6 +43,10 @@ def student(label: str, latency: float = 3.2) -> dict:
     }
 
 
+def _flat(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k != "cost"} | model["cost"]
+
+
 def result(model: str, task: str, correct: int, n: int = 40) -> dict:
     acc = correct / n
     return {
@@ -251,7 +255,8 @@ def make_pipeline(root: Path) -> Path:
         json.dumps(
             {
                 "price": PRICE,
-                "models": [student("student (after)", latency=3.0)],
+                # flat cost fields, as `potstill eval` writes them (the baseline nests `cost`)
+                "models": [_flat(student("student (after)", latency=3.0))],
                 "results": [
                     result("student (after)", tasks[0], 22),
                     result("student (after)", tasks[1], 31),

@@ -268,6 +268,28 @@ def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     run_eval(load_config(EvalConfig, config, set_ or []), console)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="RUN_DIR", help="Run directories; each is searched for runs."),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default: FIRST_DIR/report.html).")
+    ] = None,
+    price_per_hour: Annotated[
+        float | None,
+        typer.Option("--price-per-hour", help="USD per hour for run costs (default: eval's)."),
+    ] = None,
+) -> None:
+    """One self-contained HTML page and a Markdown summary: accuracy vs cost, training curves,
+    curation funnel, every run's settings; lists what is missing."""
+    from potstill.report import write_report
+
+    path = write_report(run_dirs, out, price_per_hour=price_per_hour)
+    console.print(f"[green]wrote[/] {path} and {path.with_suffix('.md').name}")
+
+
 def _not_built(verb: str, issue: str):
     def command(ctx: typer.Context) -> None:
         raise NotBuiltError(
@@ -279,10 +301,6 @@ def _not_built(verb: str, issue: str):
 
 
 _PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-for verb, issue in (
-    ("report", "HTML report"),
-):
-    app.command(verb, context_settings=_PASS_ARGS)(_not_built(verb, issue))
 teacher_app.command("cache", context_settings=_PASS_ARGS)(
     _not_built("teacher cache", "offline top-k logit cache: logit distillation training")
 )

@@ -322,7 +322,7 @@ def _merge_evals(runs: list[Run], missing: list[str]):
                     label=m["label"],
                     name=str(m.get("name", m["label"])),
                     role=str(m.get("role", "student")),
-                    cost=dict(m.get("cost") or {}),
+                    cost=_cost_of(m),
                     run=run.name,
                 )
         for r in data.get("results") or []:
@@ -344,6 +344,14 @@ def _merge_evals(runs: list[Run], missing: list[str]):
     for label in sorted({r.model for r in results.values()} - set(models)):
         missing.append(f"eval result for '{label}' has no model entry (no cost)")
     return models, list(results.values()), price, note
+
+
+def _cost_of(model: dict) -> dict:
+    """The model's cost block: nested under `cost`, or (as `potstill eval` writes it) its fields
+    flat beside label, name and role."""
+    if isinstance(model.get("cost"), dict):
+        return dict(model["cost"])
+    return {k: v for k, v in model.items() if k not in ("label", "name", "role", "cost")}
 
 
 def _read_json(path: Path, missing: list[str]):

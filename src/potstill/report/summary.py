@@ -185,8 +185,12 @@ def key_settings(run: Run) -> dict[str, str]:
         value = cfg
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, list) and all(not isinstance(v, dict | list) for v in value):
-            value = ", ".join(str(v) for v in value)
+        if isinstance(value, list):  # models/tasks: scalars, or entries named by label/name
+            names = [
+                v.get("label") or v.get("name") or v.get("source") if isinstance(v, dict) else v
+                for v in value
+            ]
+            value = ", ".join(str(v) for v in names if v is not None and not isinstance(v, list))
             value = value if len(value) <= 80 else value[:77] + "…"
         if value is not None and not isinstance(value, dict | list):
             out[label] = str(value)
