@@ -16,7 +16,33 @@ wanted_stamp() {
   cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1
 }
 
+# Headless Chromium renders the HTML report in its test (the test skips without it). Installed
+# once when missing and we may (root or passwordless sudo, apt-get); a failed try leaves a marker
+# in the venv so later runs stay quiet and fast. Never fails the set-up.
+ensure_chromium() {
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    return 0
+  fi
+  local marker="$VENV/.potstill-no-chromium" as=""
+  [[ -f "$marker" ]] && return 0
+  if [[ "$(id -u)" -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then as="sudo -n"; else as="-"; fi
+  fi
+  if [[ "$as" != "-" ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "[potstill] installing chromium (for the HTML report's browser test) ..." >&2
+    if $as env DEBIAN_FRONTEND=noninteractive timeout 600 apt-get update -qq >/dev/null 2>&1 &&
+      $as env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq \
+        --no-install-recommends chromium >/dev/null 2>&1; then
+      return 0
+    fi
+  fi
+  echo "[potstill] note: chromium not installed (apt-get install chromium); the report's browser test will skip" >&2
+  if [[ -d "$VENV" ]]; then touch "$marker"; fi
+  return 0
+}
+
 setup() {
+  ensure_chromium
   if [[ -x "$PY" && -f "$STAMP" && "$(cat "$STAMP")" == "$(wanted_stamp)" ]]; then
     return 0
   fi
