@@ -7,6 +7,7 @@ settings (compute, settings).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from html import escape
 
@@ -122,15 +123,20 @@ def _headline(coll: Collection, head: Headline) -> str:
             if known is not None
         )
         return (
-            f"<section class='headline'><p class='lede'>{escape(head.sentence())}</p>"
+            f"<section class='headline'><p class='lede'>{_inline_code(head.sentence())}</p>"
             f"<div class='stats'>{stats}</div><div class='cards'>{''.join(cards)}</div>"
             f"<p class='note'>Accuracy over {escape(tasks or 'all tasks')}; cost per 1,000 "
             f"answers at {_price(coll)}.</p></section>"
         )
     return (
-        f"<section class='headline'><p class='lede'>{escape(head.sentence())}</p>"
+        f"<section class='headline'><p class='lede'>{_inline_code(head.sentence())}</p>"
         f"<div class='cards'>{_pipeline_cards(coll)}</div></section>"
     )
+
+
+def _inline_code(text: str) -> str:
+    """Escape, then `x` → <code>x</code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
 
 
 def _price(coll: Collection) -> str:
@@ -169,6 +175,12 @@ def _pipeline_cards(coll: Collection) -> str:
         f"<div class='biglabel'>{_money(cost, coll)}</div></div>"
     )
     return "".join(out)
+
+
+def _cost_basis(coll: Collection) -> str:
+    if coll.price_per_hour is None:
+        return "no cost without a price per hour (eval.json's, or --price-per-hour)"
+    return f"cost at {_price(coll)}"
 
 
 def _money(cost: float | None, coll: Collection) -> str:
@@ -308,7 +320,7 @@ def _compute(coll: Collection) -> str:
     total = usd(total_usd) if coll.price_per_hour is not None else "—"
     return (
         f"<section><h2>Compute</h2><p class='note'>Time each stage worked (manifest timings, "
-        f"else its attempts); cost at {_price(coll)}.</p><table><thead><tr><th>run</th>"
+        f"else its attempts); {_cost_basis(coll)}.</p><table><thead><tr><th>run</th>"
         "<th>stage</th><th>status</th><th class='n'>attempts</th><th class='n'>time</th>"
         f"<th class='n'>cost</th></tr></thead><tbody>{''.join(rows)}</tbody><tfoot><tr>"
         f"<td colspan='4'>total</td><td class='n'>{duration(total_s)}</td>"

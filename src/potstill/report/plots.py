@@ -345,7 +345,7 @@ def funnel(data: dict) -> str | None:
             s.get("name", "?"),
             s.get("records_out", 0),
             s.get("records_in", 0) - s.get("records_out", 0),
-            s.get("reasons") or {},
+            {**(s.get("reasons") or {}), **{k: v for k, v in (s.get("notes") or {}).items() if v}},
             s.get("questions_out"),
         )
         for s in steps
@@ -363,12 +363,13 @@ def funnel(data: dict) -> str | None:
             text = f"{out}"
             if questions is not None:
                 text += f"  ({questions} questions)"
-            if drop:
-                text += f"   −{drop}: {why}" if why else f"   −{drop}"
+            if drop or why:  # why also holds notes that drop no record (unsolved_questions 2)
+                text += f"   −{drop}: {why}" if drop else f"   {why}"
             ax.text(out + drop + top * 0.01, y, text, va="center", fontsize=9, color=INK)
         ax.set_yticks(list(ys), [r[0] for r in rows])
         ax.invert_yaxis()
         ax.set_xlim(0, top * 1.65)
+        ax.set_xticks([t for t in ax.get_xticks() if 0 <= t <= top])  # no ticks under the notes
         ax.set_xlabel("records")
         ax.grid(axis="y", visible=False)
         ax.set_axisbelow(True)

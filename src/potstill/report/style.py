@@ -28,6 +28,7 @@ section.missing p { margin: 0 0 4px; font-size: 13.5px; }
 section.missing ul { margin: 0; padding-left: 20px; font-size: 13.5px; }
 .lede { font-size: 21px; line-height: 1.4; font-weight: 600; margin: 0 0 14px;
   letter-spacing: -.005em; }
+.lede code { font-size: 18px; padding: 1px 6px; }
 .stats { display: flex; flex-wrap: wrap; gap: 8px 36px; margin: 0 0 16px; }
 .stat { color: var(--muted); font-size: 13.5px; }
 .stat b { display: block; font-size: 34px; line-height: 1.1; color: var(--after); }

@@ -108,10 +108,12 @@ def model_row(model: EvalModel | None, label: str, role: str, coll: Collection, 
 
 
 def usd_per_1k(cost: dict, price_per_hour: float | None) -> float | None:
-    """The model's cost per 1,000 answers: as measured by eval, else latency × price."""
+    """The model's cost per 1,000 answers: as eval measured it, else seconds per answer (or
+    latency) × price."""
     value = _float(cost.get("usd_per_1k_answers"))
-    if value is None and price_per_hour is not None and _float(cost.get("latency_s")):
-        value = float(cost["latency_s"]) * 1000 / 3600 * price_per_hour
+    seconds = _float(cost.get("seconds_per_answer")) or _float(cost.get("latency_s"))
+    if value is None and price_per_hour is not None and seconds:
+        value = seconds * 1000 / 3600 * price_per_hour
     return value
 
 
