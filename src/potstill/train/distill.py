@@ -18,6 +18,7 @@ resume, and logs the parts (ce, soft, kd_ratio), lr and tokens/s.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -100,17 +101,21 @@ def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch
     return batch
 
 
+def _predicted_targets(example: Example) -> int:
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def _data_meta(meta: dict) -> str:
+    keys = ("prompt_field", "target_field", "system_prompt", "max_seq_len")
+    return ", ".join(f"{k}={meta[k]!r}" for k in keys if k in meta)
+
+
 def cache_rows(cache, item: Item) -> TeacherTopK:
     """The cached top-k rows of this item's predicted target tokens (positions t >= 1 with a
-    label, in order). A max_seq_len shorter than the cache's takes a prefix of them."""
+    label, in order; `open_teacher_cache` checked there are enough). A max_seq_len shorter than
+    the cache's takes a prefix of them."""
     top = cache.get(item.record_id)
-    n = sum(label != IGNORE_INDEX for label in item.example.labels[1:])
-    if top.ids.shape[0] < n:
-        raise DataError(
-            f"teacher cache has {top.ids.shape[0]} positions for record '{item.record_id}' but "
-            f"its target has {n} tokens: the cache was made with another system prompt, fields "
-            "or a shorter max_seq_len; make it again with this config's data settings"
-        )
+    n = _predicted_targets(item.example)
     return TeacherTopK(top.ids[:n], top.log_probs[:n])
 
 
@@ -256,6 +261,30 @@ def open_teacher_cache(cfg: DistillConfig, tokenizer, vocab_size: int, items: li
         raise DataError(
             f"{cfg.teacher.cache}: no entry for record '{missing}'; the cache was made from other "
             f"records than {cfg.data.source}: run `potstill teacher cache` on them"
+        )
+    system = load_prompt(cfg.data.system_prompt) if cfg.data.system_prompt else None
+    ours = {
+        "prompt_field": cfg.data.prompt_field,
+        "target_field": cfg.data.target_field,
+        "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest() if system else None,
+    }
+    changed = [k for k, v in ours.items() if k in cache.meta and cache.meta[k] != v]
+    if changed:
+        names = ", ".join("system_prompt" if k.startswith("system") else k for k in changed)
+        raise ConfigError(
+            f"{cfg.teacher.cache}: cache built with other data.{names} ({_data_meta(cache.meta)})"
+            "; its positions would not line up: use the cache's settings or cache again"
+        )
+    short = next(
+        (i for i in items if cache.num_tokens(i.record_id) < _predicted_targets(i.example)), None
+    )
+    if short is not None:
+        raise DataError(
+            f"{cfg.teacher.cache}: record '{short.record_id}' has "
+            f"{cache.num_tokens(short.record_id)} cached positions but "
+            f"{_predicted_targets(short.example)} target tokens here: the cache was made with "
+            f"another system prompt, fields or max_seq_len (cache: {_data_meta(cache.meta)}); "
+            "make it with this config's data settings"
         )
     meta_t = cache.meta.get("temperature")
     if meta_t is not None and float(meta_t) != cfg.loss.temperature:
