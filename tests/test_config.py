@@ -5,7 +5,8 @@ import pytest
 
 from potstill.config import describe, dump_yaml, field_help, from_dict, load_config
 from potstill.errors import ConfigError
-from potstill.sections import STAGE_CONFIGS, QuickstartConfig, SFTConfig, TrainConfig
+from potstill.quickstart import QuickstartConfig
+from potstill.sections import STAGE_CONFIGS, SFTConfig, TrainConfig
 
 from .conftest import assert_one_line_error, run_cli
 

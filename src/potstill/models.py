@@ -41,6 +41,8 @@ def resolve_model_path(spec: str | Path) -> str:
             raise ModelError(
                 f"{path} is a file: give a model directory, a .gguf file or a kit name"
             )
+        if (path / "adapter_config.json").is_file():
+            return str(path)  # a LoRA adapter: load_model merges it into its base
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is not a Hugging Face model directory (no config.json); "
