@@ -161,13 +161,12 @@ def config_check(stage: str, config: ConfigOpt = None, set_: SetOpt = None) -> N
 
 @app.command()
 def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The main job, offline on CPU. For now: a real-model smoke run (answer + verify)."""
+    """The main job, offline on CPU: baseline eval, teacher traces, curation, student
+    fine-tuning, eval again, HTML report."""
     from potstill.config import load_config
-    from potstill.sections import QuickstartConfig
-    from potstill.smoke import run_smoke
+    from potstill.quickstart import QuickstartConfig, run_quickstart
 
-    cfg = load_config(QuickstartConfig, config, set_ or [])
-    run_smoke(cfg, console)
+    run_quickstart(load_config(QuickstartConfig, config, set_ or []), console)
 
 
 @app.command()

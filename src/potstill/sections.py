@@ -219,19 +219,6 @@ class RunConfig:
 
 
 @dataclass
-class QuickstartConfig:
-    """The main job. Until the full quickstart lands: a real-model smoke run, answering
-    verifiable questions with an offline model and scoring them with the task's verifier."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=128)
-    )
-    run: RunConfig = field(default_factory=RunConfig)
-
-
-@dataclass
 class SFTDataConfig:
     source: str = "runs/curate/kept.jsonl"
     """Curated records: .jsonl, .parquet, a shard directory, or a datasets directory."""
@@ -277,6 +264,7 @@ def _stage_configs() -> dict[str, type]:
     # Stages whose configs live beside their code import this module, so they are added lazily.
     from potstill.curate.pipeline import CurateConfig
     from potstill.eval.run import EvalConfig
+    from potstill.quickstart import QuickstartConfig
     from potstill.rlt.score import RLTScoreConfig
     from potstill.train.distill_config import DistillConfig
 
