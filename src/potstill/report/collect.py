@@ -101,6 +101,15 @@ class Collection:
     def training(self) -> list[Run]:
         return [r for r in self.runs if r.is_training]
 
+    def contains(self, run: Run) -> int:
+        """How many other runs sit inside this one's directory (a quickstart holds its stages)."""
+        return sum(1 for r in self.runs if r is not run and run.path in r.path.parents)
+
+    @property
+    def total_seconds(self) -> float:
+        """Working time of all runs, a run that holds others counted through them, not twice."""
+        return sum(r.wall_s or 0 for r in self.runs if not self.contains(r))
+
     def all_missing(self) -> list[str]:
         return [*self.missing, *(f"{r.name}: {m}" for r in self.runs for m in r.missing)]
 

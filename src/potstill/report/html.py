@@ -23,6 +23,7 @@ from potstill.report.summary import (
     num,
     pct,
     run_cost,
+    short_name,
     size,
     usd,
 )
@@ -97,7 +98,8 @@ def _card(row: ModelRow | None, title: str, kind: str, teacher: ModelRow | None)
     dl = "".join(f"<dt>{k}</dt><dd>{escape(v)}</dd>" for k, v in facts)
     return (
         f"<div class='card {kind}'><div class='role'>{escape(title)}</div>"
-        f"<div class='label'>{escape(row.label)} <span>{escape(row.name)}</span></div>"
+        f"<div class='label'>{escape(row.label)} <span title='{escape(row.name)}'>"
+        f"{escape(short_name(row.name))}</span></div>"
         f"<div class='big'>{pct(row.accuracy) if row.accuracy is not None else '—'}</div>"
         f"<div class='biglabel'>accuracy{f' (n={row.n})' if row.n else ''}</div>{rel}"
         f"<dl>{dl}</dl></div>"
@@ -162,7 +164,7 @@ def _pipeline_cards(coll: Collection) -> str:
         loss = run.counts.get("final_loss")
         note = f"final loss {num(loss)}" if loss is not None else run.status
         cards.append(("training steps", run.counts.get("steps"), run, note))
-    total = sum(r.wall_s or 0 for r in coll.runs)
+    total = coll.total_seconds
     cost = total / 3600 * coll.price_per_hour if coll.price_per_hour is not None else None
     out = [
         f"<div class='card'><div class='role'>{escape(t)}</div><div class='big'>"
@@ -307,13 +309,15 @@ def _generation(coll: Collection) -> str:
 
 
 def _compute(coll: Collection) -> str:
-    rows, total_s, total_usd = [], 0.0, 0.0
+    rows, total_s = [], coll.total_seconds
+    total_usd = total_s / 3600 * coll.price_per_hour if coll.price_per_hour is not None else 0.0
     for run in coll.runs:
         cost = run_cost(run, coll.price_per_hour)
-        total_s += run.wall_s or 0
-        total_usd += cost or 0
+        inside = coll.contains(run)
+        holds = f"<br><span class='muted'>holds the {inside} runs below</span>" if inside else ""
         rows.append(
-            f"<tr><td>{escape(run.name)}</td><td>{escape(run.command)}</td><td>{_status(run)}</td>"
+            f"<tr><td>{escape(run.name)}{holds}</td><td>{escape(run.command)}</td>"
+            f"<td>{_status(run)}</td>"
             f"<td class='n'>{len(run.manifest.get('attempts') or [])}</td>"
             f"<td class='n'>{duration(run.wall_s)}</td><td class='n'>{usd(cost)}</td></tr>"
         )
@@ -323,7 +327,8 @@ def _compute(coll: Collection) -> str:
         f"else its attempts); {_cost_basis(coll)}.</p><table><thead><tr><th>run</th>"
         "<th>stage</th><th>status</th><th class='n'>attempts</th><th class='n'>time</th>"
         f"<th class='n'>cost</th></tr></thead><tbody>{''.join(rows)}</tbody><tfoot><tr>"
-        f"<td colspan='4'>total</td><td class='n'>{duration(total_s)}</td>"
+        f"<td colspan='4'>total (a run holding others counted once)</td>"
+        f"<td class='n'>{duration(total_s)}</td>"
         f"<td class='n'>{total}</td></tr></tfoot></table></section>"
     )
 

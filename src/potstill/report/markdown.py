@@ -102,7 +102,7 @@ def render_markdown(coll: Collection, head: Headline, html_name: str) -> str:
             f"{duration(run.wall_s)}",
             "",
         ]
-    out += ["## Runs", ""]
+    out += ["## Runs", "", f"Total working time {duration(coll.total_seconds)}.", ""]
     out += _table(
         ["run", "stage", "status", "time", "cost", "key settings"],
         [

@@ -98,9 +98,10 @@ def pareto(coll: Collection, head: Headline) -> str | None:
     costs, accs = [p[3] for p in points], [p[4] for p in points]
     log = max(costs) / min(costs) > 20
     x0, x1 = _padded(min(costs), max(costs), log)
-    y0, y1 = max(0.0, min(accs) - 0.1), min(1.05, max(accs) + 0.1)
+    y0, y1 = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1) + 0.06
     ncols = min(len(tasks), 3)
     nrows = math.ceil(len(tasks) / ncols)
+    todo = []  # labels to place once the layout is known
     with _style():
         fig, axes = plt.subplots(
             nrows,
@@ -146,47 +147,97 @@ def pareto(coll: Collection, head: Headline) -> str | None:
                 )
             for _, label, role, cost, acc in mine:
                 teacher = role == "teacher"
+                size = 320 if teacher else 110
                 ax.scatter(
                     cost,
                     acc,
-                    s=320 if teacher else 110,
+                    s=size,
                     marker="*" if teacher else "o",
                     color=colors[label],
                     edgecolor="white",
                     linewidth=1.2,
                     zorder=3,
                 )
-                # A point just above this one holds the space over it: label below instead.
-                below = any(
-                    q[1] != label
-                    and acc <= q[4] < acc + 0.08 * (y1 - y0)
-                    and _close(q[3], cost, x0, x1, log)
-                    for q in mine
-                )
-                right = _fraction(cost, x0, x1, log) > 0.7
-                ax.annotate(
-                    f"{label}  {acc:.0%}",
-                    (cost, acc),
-                    xytext=(-11 if right else 11, -7 if below else 7),
-                    textcoords="offset points",
-                    ha="right" if right else "left",
-                    va="top" if below else "bottom",
-                    fontsize=9,
-                    color=colors[label],
-                    fontweight="bold",
-                )
+                todo.append((ax, f"{label}  {acc:.0%}", cost, acc, colors[label], size))
             ax.set_xscale("log" if log else "linear")
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
             ax.xaxis.set_major_formatter(_usd_formatter())
             ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_yticks([t for t in ax.get_yticks() if y0 - 1e-9 <= t <= min(y1, 1) + 1e-9])
             ax.set_xlabel("cost per 1,000 answers  (cheaper ←)", color=MUTED)
             ax.set_title(task)
         for ax in axes[:, 0]:
             ax.set_ylabel("accuracy  (better ↑)", color=MUTED)
         for ax in list(axes.flat)[len(tasks) :]:
             ax.set_visible(False)
+        fig.canvas.draw()  # lay out first: labels are placed in screen space
+        _place_labels(fig, todo)
         return to_data_uri(fig)
+
+
+SPOTS = [
+    (11, 7, "left", "bottom"),
+    (11, -7, "left", "top"),
+    (-11, 7, "right", "bottom"),
+    (-11, -7, "right", "top"),
+    (0, 13, "center", "bottom"),
+    (0, -13, "center", "top"),
+    (11, 22, "left", "bottom"),
+    (11, -22, "left", "top"),
+    (-11, 22, "right", "bottom"),
+    (-11, -22, "right", "top"),
+]
+"""Where a point's label may go, in points from the point, tried in this order."""
+
+
+def _place_labels(fig, todo) -> None:
+    """Each label at the first spot beside its point that stays inside the panel and covers no
+    other label or point (models with one cost and one accuracy would otherwise overprint)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for ax, _, cost, acc, _, size in todo:
+        x, y = ax.transData.transform((cost, acc))
+        r = math.sqrt(size) / 2 * fig.dpi / 72
+        taken.append((ax, Bbox.from_extents(x - r, y - r, x + r, y + r)))
+    for ax, text, cost, acc, color, _ in todo:
+        placed = None
+        for dx, dy, ha, va in SPOTS:
+            label = ax.annotate(
+                text,
+                (cost, acc),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=9,
+                color=color,
+                fontweight="bold",
+            )
+            box = label.get_window_extent(renderer)
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0
+            inside = inside and box.y1 <= ax.bbox.y1
+            if inside and not any(a is ax and box.overlaps(b) for a, b in taken):
+                placed = box
+                break
+            label.remove()
+        if placed is None:  # nowhere free: the first spot, overlapping
+            dx, dy, ha, va = SPOTS[0]
+            ax.annotate(
+                text,
+                (cost, acc),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=9,
+                color=color,
+                fontweight="bold",
+            )
+        else:
+            taken.append((ax, placed))
 
 
 def _padded(lo: float, hi: float, log: bool, pad: float = 0.15) -> tuple[float, float]:
@@ -196,16 +247,6 @@ def _padded(lo: float, hi: float, log: bool, pad: float = 0.15) -> tuple[float, 
         return 10 ** (a - pad * span), 10 ** (b + pad * span)
     span = max(hi - lo, 0.2 * hi)
     return max(0.0, lo - pad * span), hi + pad * span
-
-
-def _fraction(x: float, x0: float, x1: float, log: bool) -> float:
-    if log:
-        return (math.log10(x) - math.log10(x0)) / (math.log10(x1) - math.log10(x0))
-    return (x - x0) / (x1 - x0)
-
-
-def _close(a: float, b: float, x0: float, x1: float, log: bool) -> bool:
-    return abs(_fraction(a, x0, x1, log) - _fraction(b, x0, x1, log)) < 0.25
 
 
 def _usd_formatter():
@@ -263,7 +304,7 @@ def group_curves(curves: dict[str, list]) -> list[tuple[str, dict[str, list]]]:
 def curves(run: Run) -> str | None:
     """Small multiples of a training run's scalars; raw values faint, smoothed on top."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
 
     panels = group_curves(run.curves)
     if not panels:
@@ -287,7 +328,10 @@ def curves(run: Run) -> str | None:
             ax.set_xlabel("step", color=MUTED)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
             # Plain tick labels: an offset text ("1e-4") above the axis would push the title up.
-            ax.yaxis.set_major_formatter(FuncFormatter(_tick))
+            if title == "learning rate":  # spans decades down to 0: 2e-4, 1.5e-4, 5e-5
+                ax.yaxis.set_major_formatter(FuncFormatter(_tick))
+            else:  # as many digits as the range needs (5.701, 5.703), never a shared offset
+                ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
             values = [v for pts in series.values() for _, v in pts]
             lo, hi = min(values), max(values)
             if hi - lo <= 1e-9 * max(abs(hi), 1e-12):  # a constant: centre it, no 1e-9 ticks

@@ -199,12 +199,20 @@ def key_settings(run: Run) -> dict[str, str]:
     return out
 
 
+def short_name(name: str, keep: int = 3) -> str:
+    """A model directory as its last path parts (…/qs/sft/final); kit and hub names unchanged."""
+    parts = name.split("/")
+    if len(name) <= 40 or len(parts) <= keep:
+        return name
+    return "…/" + "/".join(parts[-keep:])
+
+
 def pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.0%}" if abs(x) >= 0.1 else f"{x:.1%}"
+    return "—" if x is None or x != x else f"{x:.0%}" if abs(x) >= 0.1 else f"{x:.1%}"
 
 
 def num(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}g}"
+    return "—" if x is None or x != x else f"{x:.{digits}g}"  # x != x: NaN
 
 
 def usd(x: float | None) -> str:
