@@ -162,6 +162,18 @@ def test_metrics_jsonl_is_the_fallback_for_curves(tmp_path):
     assert "TensorBoard events" in text  # listed as missing, the fallback named
 
 
+def test_a_run_holding_others_counts_once_and_broken_json_is_a_missing_line(tmp_path):
+    outer = make_run(tmp_path / "qs", "quickstart", {}, timings={"all": 100.0})
+    make_run(outer / "sft", "sft", {}, timings={"train": 60.0})
+    ev = make_run(outer / "eval", "eval", {}, timings={"eval": 40.0})
+    (ev / "eval.json").write_text('{"models": [')  # torn by a kill
+    coll = collect([outer])
+    assert coll.contains(coll.runs[0]) == 2 and coll.total_seconds == 100.0
+    html = write_report([outer]).read_text()
+    assert "qs/eval: eval.json is unreadable (JSONDecodeError)" in html
+    assert "holds the 2 runs below" in html
+
+
 def test_one_of_several_paths_without_runs_is_a_missing_line(tmp_path, pipeline):
     (tmp_path / "empty").mkdir()
     html = write_report([pipeline, tmp_path / "empty"], tmp_path / "r.html")
