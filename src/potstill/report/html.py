@@ -327,10 +327,13 @@ def _compute(coll: Collection) -> str:
         f"else its attempts); {_cost_basis(coll)}.</p><table><thead><tr><th>run</th>"
         "<th>stage</th><th>status</th><th class='n'>attempts</th><th class='n'>time</th>"
         f"<th class='n'>cost</th></tr></thead><tbody>{''.join(rows)}</tbody><tfoot><tr>"
-        f"<td colspan='4'>total (a run holding others counted once)</td>"
+        f"<td colspan='4'>total{_once if any(coll.contains(r) for r in coll.runs) else ''}</td>"
         f"<td class='n'>{duration(total_s)}</td>"
         f"<td class='n'>{total}</td></tr></tfoot></table></section>"
     )
+
+
+_once = " (a run holding others counted once)"
 
 
 def _settings(coll: Collection) -> str:
