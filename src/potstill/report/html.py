@@ -13,6 +13,7 @@ from html import escape
 
 from potstill.report import plots
 from potstill.report.collect import Collection, Run
+from potstill.report.pareto import pareto
 from potstill.report.style import CSS
 from potstill.report.summary import (
     Headline,
@@ -225,7 +226,7 @@ def _pareto(coll: Collection, head: Headline) -> str:
     return (
         "<section><h2>Accuracy vs cost</h2><p class='note'>Up and to the left is better. The "
         "dashed line is the Pareto frontier; the arrow goes from the student before distillation "
-        f"to after.</p>{_img(plots.pareto(coll, head), 'accuracy vs cost')}{table}</section>"
+        f"to after.</p>{_img(pareto(coll, head), 'accuracy vs cost')}{table}</section>"
     )
 
 

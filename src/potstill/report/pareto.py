@@ -1,0 +1,200 @@
+"""The Pareto view: accuracy against cost per 1,000 answers, one panel per task."""
+
+from __future__ import annotations
+
+import math
+
+from potstill.report.collect import Collection
+from potstill.report.plots import BEFORE, MUTED, PALETTE, STUDENT, TEACHER, style, to_data_uri
+from potstill.report.summary import Headline, usd_per_1k
+
+
+def pareto(coll: Collection, head: Headline) -> str | None:
+    """Accuracy against cost per 1k answers, one panel per task: teacher ★, students ●, coloured
+    as in the headline cards; the Pareto frontier dashed; an arrow from the student before
+    distillation to after."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    points = []  # (task, label, role, cost, accuracy)
+    for r in coll.results:
+        model = coll.models.get(r.model)
+        cost = usd_per_1k(model.cost, coll.price_per_hour) if model else None
+        if cost is not None and cost > 0:
+            points.append((r.task, r.model, model.role, cost, r.accuracy))
+    if not points:
+        return None
+    tasks = list(dict.fromkeys(p[0] for p in points))
+    before = head.before.label if head.before else None
+    after = head.after.label if head.after else None
+    others = iter(PALETTE)
+    colors = {}
+    for _, label, role, _, _ in points:
+        if label not in colors:
+            colors[label] = (
+                TEACHER
+                if role == "teacher"
+                else BEFORE
+                if label == before
+                else STUDENT
+                if label == after
+                else next(others, MUTED)
+            )
+    costs, accs = [p[3] for p in points], [p[4] for p in points]
+    log = max(costs) / min(costs) > 20
+    x0, x1 = _padded(min(costs), max(costs), log)
+    y0, y1 = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1) + 0.06
+    ncols = min(len(tasks), 3)
+    nrows = math.ceil(len(tasks) / ncols)
+    todo = []  # labels to place once the layout is known
+    with style():
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(9.6, 4.4 if nrows == 1 else 3.4 * nrows),
+            layout="constrained",
+            squeeze=False,
+            sharey=True,
+        )
+        for ax, task in zip(axes.flat, tasks, strict=False):
+            mine = sorted((p for p in points if p[0] == task), key=lambda p: (p[3], -p[4]))
+            frontier, best = [], -1.0
+            for p in mine:
+                if p[4] > best:
+                    frontier.append(p)
+                    best = p[4]
+            if len(frontier) > 1:
+                ax.plot(
+                    [p[3] for p in frontier],
+                    [p[4] for p in frontier],
+                    ls="--",
+                    lw=1.1,
+                    color=MUTED,
+                    alpha=0.6,
+                    drawstyle="steps-post",
+                    zorder=1,
+                )
+            ends = {p[1]: p for p in mine}
+            if before in ends and after in ends:
+                b, a = ends[before], ends[after]
+                ax.annotate(
+                    "",
+                    xy=(a[3], a[4]),
+                    xytext=(b[3], b[4]),
+                    zorder=2,
+                    arrowprops={
+                        "arrowstyle": "-|>",
+                        "color": STUDENT,
+                        "lw": 1.6,
+                        "shrinkA": 8,
+                        "shrinkB": 8,
+                    },
+                )
+            for _, label, role, cost, acc in mine:
+                teacher = role == "teacher"
+                size = 320 if teacher else 110
+                ax.scatter(
+                    cost,
+                    acc,
+                    s=size,
+                    marker="*" if teacher else "o",
+                    color=colors[label],
+                    edgecolor="white",
+                    linewidth=1.2,
+                    zorder=3,
+                )
+                todo.append((ax, f"{label}  {acc:.0%}", cost, acc, colors[label], size))
+            ax.set_xscale("log" if log else "linear")
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+            ax.xaxis.set_major_formatter(_usd_formatter())
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_yticks([t for t in ax.get_yticks() if y0 - 1e-9 <= t <= min(y1, 1) + 1e-9])
+            ax.set_xlabel("cost per 1,000 answers  (cheaper ←)", color=MUTED)
+            ax.set_title(task)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("accuracy  (better ↑)", color=MUTED)
+        for ax in list(axes.flat)[len(tasks) :]:
+            ax.set_visible(False)
+        fig.canvas.draw()  # lay out first: labels are placed in screen space
+        _place_labels(fig, todo)
+        return to_data_uri(fig)
+
+
+SPOTS = [
+    (11, 7, "left", "bottom"),
+    (11, -7, "left", "top"),
+    (-11, 7, "right", "bottom"),
+    (-11, -7, "right", "top"),
+    (0, 13, "center", "bottom"),
+    (0, -13, "center", "top"),
+    (11, 22, "left", "bottom"),
+    (11, -22, "left", "top"),
+    (-11, 22, "right", "bottom"),
+    (-11, -22, "right", "top"),
+]
+"""Where a point's label may go, in points from the point, tried in this order."""
+
+
+def _place_labels(fig, todo) -> None:
+    """Each label at the first spot beside its point that stays inside the panel and covers no
+    other label or point (models with one cost and one accuracy would otherwise overprint)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for ax, _, cost, acc, _, size in todo:
+        x, y = ax.transData.transform((cost, acc))
+        r = math.sqrt(size) / 2 * fig.dpi / 72
+        taken.append((ax, Bbox.from_extents(x - r, y - r, x + r, y + r)))
+    for ax, text, cost, acc, color, _ in todo:
+        placed = None
+        for dx, dy, ha, va in SPOTS:
+            label = ax.annotate(
+                text,
+                (cost, acc),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=9,
+                color=color,
+                fontweight="bold",
+            )
+            box = label.get_window_extent(renderer)
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0
+            inside = inside and box.y1 <= ax.bbox.y1
+            if inside and not any(a is ax and box.overlaps(b) for a, b in taken):
+                placed = box
+                break
+            label.remove()
+        if placed is None:  # nowhere free: the first spot, overlapping
+            dx, dy, ha, va = SPOTS[0]
+            ax.annotate(
+                text,
+                (cost, acc),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                ha=ha,
+                va=va,
+                fontsize=9,
+                color=color,
+                fontweight="bold",
+            )
+        else:
+            taken.append((ax, placed))
+
+
+def _padded(lo: float, hi: float, log: bool, pad: float = 0.15) -> tuple[float, float]:
+    if log:
+        a, b = math.log10(lo), math.log10(hi)
+        span = max(b - a, 0.3)
+        return 10 ** (a - pad * span), 10 ** (b + pad * span)
+    span = max(hi - lo, 0.2 * hi)
+    return max(0.0, lo - pad * span), hi + pad * span
+
+
+def _usd_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _: f"${x:,.2f}" if x >= 0.1 else f"${x:.3g}")
