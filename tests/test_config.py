@@ -116,3 +116,13 @@ def test_cli_config_errors_are_one_line_exit_2(tmp_path):
     assert_one_line_error(run_cli("config", "check", "sft", "-c", str(syntax)), "YAML syntax error")
     ok = run_cli("config", "check", "sft", "--set", "train.lr=3e-5")
     assert ok.returncode == 0 and "lr: 3.0e-05" in ok.stdout
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_accelerate_config_loads_in_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cluster = ClusterConfig.from_yaml_file(str(path))
+    assert cluster.mixed_precision == "bf16" and cluster.num_processes >= 1
