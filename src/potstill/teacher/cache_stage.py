@@ -1,0 +1,253 @@
+"""`potstill teacher cache`: run the teacher once over records, keep its top-k log-probs per target
+token, so logit distillation can train without the teacher in memory.
+
+    potstill teacher cache --config configs/teacher-cache.yaml --set k=32
+
+Examples are built exactly as the trainers build them (`build_example`: system prompt + question
+through the chat template, then the target and the end-of-turn token, truncated to max_seq_len).
+The teacher runs in inference mode on right-padded batches; only the hidden states at positions
+that predict a target token go through its lm_head, a chunk of rows at a time. Records with no
+target token left after truncation are skipped and counted. Rerunning resumes: cached records are
+skipped. Reading the cache back: `potstill.teacher.cache.open_cache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from potstill.config import check
+from potstill.data import read_records
+from potstill.errors import ConfigError, DataError
+from potstill.losses.chunked import default_chunk_size
+from potstill.losses.reduce import IGNORE_INDEX
+from potstill.prompts import load_prompt
+from potstill.runs import RunDir
+from potstill.sections import ModelConfig, RunConfig, SFTDataConfig
+from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
+from potstill.train.sft import build_example, collate
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Cache the teacher's top-k log-probs at every target token (offline logit distillation)."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
+    )
+    """The teacher whose distributions are cached (its tokenizer builds the examples)."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Records and how a prompt and target are built from them: keep it equal to the distillation
+    run's data section, so both build the same target tokens."""
+    k: int = 64
+    """Teacher tokens kept per target token (the rest is one tail bucket)."""
+    temperature: float = 1.0
+    """Softmax temperature of the cached log-probs; distil at the same temperature."""
+    encoding: Literal["packed-q8", "packed-f16", "packed-f32", "u32-q8", "u32-f16", "u32-f32"] = (
+        "packed-q8"
+    )
+    """ids: packed (ceil(log2 V) bits) or u32; log-probs: q8 (uint8 relative to the top-1, tail
+    stored), f16, f32. See docs/teacher_cache.md for the measured size/accuracy of each."""
+    max_seq_len: int = 2048
+    """Truncate prompt + target to this many tokens (as the trainer's train.max_seq_len)."""
+    batch_size: int = 4
+    """Records per teacher forward pass."""
+    shard_size: int = 256
+    """Records per shard file (a kill loses at most the records not yet in a shard)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/teacher-cache"))
+    """Run directory: it is also the cache directory (meta.json, shard-*.safetensors)."""
+
+    def __post_init__(self):
+        check(self.k > 0, f"k: must be > 0, got {self.k}; 32 to 64 is usual")
+        check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        check(self.max_seq_len > 1, f"max_seq_len: must be > 1, got {self.max_seq_len}")
+        check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+        check(self.shard_size > 0, f"shard_size: must be > 0, got {self.shard_size}")
+        check(
+            self.teacher.lora is None,
+            "teacher.lora: the teacher is not trained here; remove the lora section",
+        )
+
+
+def target_positions(labels: Tensor) -> Tensor:
+    """(B, L) labels -> (B, L) bool: the positions whose next token is a target (row i of a
+    record's cache is the i-th True of its row)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def target_hidden(model, batch: dict[str, Tensor]) -> tuple[Tensor, list[int]]:
+    """Final hidden states at each record's target positions, concatenated: (N, H), and the
+    number of rows of each record. The lm_head is not applied (see `target_logits`)."""
+    device = model.get_output_embeddings().weight.device
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    ).last_hidden_state  # (B, L, H)
+    mask = target_positions(batch["labels"]).to(device)
+    return hidden[mask], mask.sum(1).tolist()
+
+
+def target_logits(model, hidden: Tensor) -> Tensor:
+    """(n, H) final hidden states -> (n, V) float32 logits, as the model's forward makes them."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 style soft-capping
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def top_k_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, V) logits -> top-k ids (n, k), their log-probs (n, k) at `temperature`, descending,
+    and the log of the mass outside them (n,) (-inf when k = V)."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    top, ids = log_p.topk(k, dim=-1)
+    log_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, top, log_tail
+
+
+def _examples(cfg: TeacherCacheConfig, tokenizer, done: set[str]):
+    """(record id, Example) for records not cached yet, and the count of records skipped for
+    having no target token within max_seq_len."""
+    data = cfg.data
+    records = read_records(data.source, limit=data.limit)
+    system = load_prompt(data.system_prompt) if data.system_prompt else None
+    pending, skipped = [], 0
+    for record in records:
+        for name in (data.prompt_field, data.target_field):
+            if not isinstance(record.get(name), str):
+                which = "prompt" if name == data.prompt_field else "target"
+                raise DataError(
+                    f"{data.source}: record '{record['id']}' has no text field '{name}'; set "
+                    f"data.{which}_field to a field the records have"
+                )
+        if record["id"] in done:
+            continue
+        messages = ({"role": "user", "content": record[data.prompt_field]},)
+        if system:
+            messages = ({"role": "system", "content": system}, *messages)
+        example = build_example(tokenizer, messages, record[data.target_field], cfg.max_seq_len)
+        if example is None or not any(t != IGNORE_INDEX for t in example.labels[1:]):
+            skipped += 1
+        else:
+            pending.append((record["id"], example))
+    return records, pending, skipped, system
+
+
+def cache_meta(cfg: TeacherCacheConfig, tokenizer, vocab_size: int, system: str | None) -> dict:
+    data = cfg.data
+    return {
+        "teacher": cfg.teacher.name,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
+        "k": cfg.k,
+        "temperature": cfg.temperature,
+        "encoding": cfg.encoding,
+        "max_seq_len": cfg.max_seq_len,
+        "source": data.source,
+        "prompt_field": data.prompt_field,
+        "target_field": data.target_field,
+        "system_prompt": data.system_prompt,
+        "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest() if system else None,
+        "rows": "one per t >= 1 with labels[t] != -100 in potstill.train.sft.build_example",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -> dict:
+    """Cache every record's target tokens; returns the manifest counts."""
+    from potstill.models import load_model, load_tokenizer
+
+    console = console or Console(stderr=True)
+    tcfg = cfg.teacher
+    tokenizer = load_tokenizer(tcfg.name, trust_remote_code=tcfg.trust_remote_code)
+    with RunDir(
+        cfg.run.output_dir, command="teacher cache", config=cfg, inputs=[cfg.data.source]
+    ) as run:
+        if (run.path / "meta.json").is_file():  # resuming: the records done come from the shards
+            done = set(open_cache(run.path, verify=False).ids())
+        else:
+            done = set()
+        records, pending, skipped, system = _examples(cfg, tokenizer, done)
+        if not pending and not done:
+            raise DataError(
+                f"{cfg.data.source}: no record has a target token within max_seq_len="
+                f"{cfg.max_seq_len}; raise it"
+            )
+        console.print(
+            f"[bold]{len(records)}[/] records: {len(done)} cached already, {len(pending)} to do, "
+            f"{skipped} skipped (no target token within max_seq_len)"
+        )
+        model = load_model(
+            tcfg.name,
+            dtype=tcfg.dtype,
+            device=tcfg.device,
+            trust_remote_code=tcfg.trust_remote_code,
+        ).eval()
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if cfg.k > vocab:
+            raise ConfigError(f"k: {cfg.k} is more than the teacher's vocabulary ({vocab})")
+        meta = cache_meta(cfg, tokenizer, vocab, system)
+        chunk = default_chunk_size(vocab, budget_bytes=1 << 28)
+        pending.sort(key=lambda pair: -len(pair[1].input_ids))  # long first: memory peaks early
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        columns = [TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn()]
+        columns += [TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn()]
+        with (
+            CacheWriter(run.path, meta, shard_size=cfg.shard_size) as writer,
+            run.timed("teacher"),
+            Progress(*columns, TimeRemainingColumn(), console=console) as progress,
+            torch.inference_mode(),
+        ):
+            task = progress.add_task("cache", total=len(pending), tokens=0)
+            tokens = 0
+            for start in range(0, len(pending), cfg.batch_size):
+                part = pending[start : start + cfg.batch_size]
+                hidden, rows = target_hidden(model, collate([ex for _, ex in part], pad))
+                outs = [
+                    top_k_rows(target_logits(model, hidden[i : i + chunk]), cfg.k, cfg.temperature)
+                    for i in range(0, hidden.shape[0], chunk)
+                ]
+                ids, log_probs, log_tail = (torch.cat(x).cpu() for x in zip(*outs, strict=True))
+                offset = 0
+                for (record_id, _), n in zip(part, rows, strict=True):
+                    end = offset + n
+                    writer.write(
+                        record_id, ids[offset:end], log_probs[offset:end], log_tail[offset:end]
+                    )
+                    offset = end
+                tokens += offset
+                progress.update(task, advance=len(part), tokens=tokens)
+        cache = open_cache(run.path, verify=False)
+        counts = {
+            "records": len(cache),
+            "tokens": cache.tokens,
+            "bytes": cache.nbytes,
+            "bytes_per_token": round(cache.nbytes / max(cache.tokens, 1), 2),
+            "skipped_no_target_tokens": skipped,
+            "written_this_attempt": writer.written,
+        }
+        run.count(**counts)
+    console.print(
+        f"[green]done[/] {counts['records']} records, {counts['tokens']:,} tokens, "
+        f"{counts['bytes_per_token']} bytes/token → {run.path}"
+    )
+    return counts
