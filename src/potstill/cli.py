@@ -239,6 +239,15 @@ def serve(
     serve_main(model, host, port, batch_size, model_name=model_name, api_key_env=api_key_env)
 
 
+@teacher_app.command("cache")
+def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Cache the teacher's top-k log-probs per target token (offline logit KD); reruns resume."""
+    from potstill.config import load_config
+    from potstill.teacher.cache_stage import TeacherCacheConfig, run_teacher_cache
+
+    run_teacher_cache(load_config(TeacherCacheConfig, config, set_ or []), console)
+
+
 @rlt_app.command("score")
 def rlt_score(
     teacher: Annotated[str, typer.Option("--teacher", help="Teacher model spec.")],
@@ -300,9 +309,6 @@ def _not_built(verb: str, issue: str):
 
 
 _PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-teacher_app.command("cache", context_settings=_PASS_ARGS)(
-    _not_built("teacher cache", "offline top-k logit cache: logit distillation training")
-)
 for verb in ("warmup", "train", "explain"):
     rlt_app.command(verb, context_settings=_PASS_ARGS)(
         _not_built(f"rlt {verb}", "reinforcement-learned teachers")

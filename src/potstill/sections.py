@@ -266,6 +266,7 @@ def _stage_configs() -> dict[str, type]:
     from potstill.eval.run import EvalConfig
     from potstill.quickstart import QuickstartConfig
     from potstill.rlt.score import RLTScoreConfig
+    from potstill.teacher.cache_stage import TeacherCacheConfig
     from potstill.train.distill_config import DistillConfig
 
     return {
@@ -275,6 +276,7 @@ def _stage_configs() -> dict[str, type]:
         "sft": SFTConfig,
         "distill": DistillConfig,
         "rlt_score": RLTScoreConfig,
+        "teacher_cache": TeacherCacheConfig,
         "eval": EvalConfig,
     }
 
