@@ -35,6 +35,19 @@ def test_loaded_model_passes_through_and_lora_wraps_it(tiny_model_dir):
     assert 0 < trainable < total / 5
 
 
+def test_lora_top_layers_adapts_only_those_and_backward_stops_below(tiny_model_dir):
+    wrapped = load_model(tiny_model_dir, device="cpu", lora=LoraConfig(r=2, top_layers=1))
+    names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert len(names) == 14 and all(".layers.1." in n for n in names)  # 7 linears x (A, B)
+    seen = []
+    first = wrapped.base_model.model.model.layers[0]
+    first.register_forward_hook(lambda mod, args, out: seen.append(out[0].requires_grad))
+    wrapped(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    assert seen == [False]  # layer 0's output needs no gradient: autograd never enters it
+    with pytest.raises(ModelError, match="lora.top_layers=3 but the model has 2 layers"):
+        load_model(tiny_model_dir, device="cpu", lora=LoraConfig(r=2, top_layers=3))
+
+
 def test_missing_directory_and_unknown_names():
     with pytest.raises(ModelError, match="model directory not found: /no/such/model"):
         resolve_model_path("/no/such/model")

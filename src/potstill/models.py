@@ -206,11 +206,26 @@ def apply_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    layers, target_modules = None, lora.target_modules
+    if lora.top_layers is not None:
+        total = model.config.num_hidden_layers
+        if lora.top_layers > total:
+            raise ModelError(
+                f"lora.top_layers={lora.top_layers} but the model has {total} layers; "
+                f"use at most {total}"
+            )
+        layers = list(range(total - lora.top_layers, total))
+        if target_modules == "all-linear":  # peft takes layer indices only with module names
+            target_modules = sorted(
+                {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and ".layers." in name}
+            )  # fmt: skip
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -21,9 +21,16 @@ class LoraConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or "all-linear"."""
+    top_layers: int | None = None
+    """Adapt only the top N decoder layers (default: all): the backward pass then stops below
+    them, so a step computes less."""
 
     def __post_init__(self):
         check(self.r > 0, f"r: must be a positive integer, got {self.r}")
+        check(
+            self.top_layers is None or self.top_layers > 0,
+            f"top_layers: must be > 0, got {self.top_layers}",
+        )
         check(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
 
 
