@@ -1,0 +1,322 @@
+"""Benchmark: online logit-distillation training steps on the real pair, potstill vs TRL 1.16.
+
+    python benchmarks/kd_step.py                      # 2 sequences x <= 160 tokens, 2 timed steps
+    python benchmarks/kd_step.py --steps 1 --seqs 1   # a quick look
+
+Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct with LoRA (r 16, all
+linear layers), both fp32 on CPU, loaded from the offline kit. Every trainer sees the same
+sequences (reasoning-gym gsm_symbolic question -> worked solution, built by `build_example`): one
+optimizer step = `--seqs` micro-batches of one sequence (no padding, so every trainer computes the
+same tokens), and every step is the same window. Objective: off-policy forward KL, T = 1, no hard
+loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
+
+- potstill: `train.loop.train` with the distill loss (`chunked_kd_loss`, `TeacherHidden`).
+- TRL `DistillationTrainer`: it has no off-policy mode in 1.16 (it always samples completions), so
+  its `_generate` is replaced by a lookup of the same completions; the rest of its step (hidden
+  states of both models, its chunked divergence kernel, backward) runs as shipped. That favours it:
+  no sampling time is counted.
+- TRL `GKDTrainer` (trl.experimental.gkd) with lmbda = 0, beta = 0 (full [B, T, V] logits), fed
+  the same tensors by a collator.
+
+Each trainer runs in a fresh process. Time: the steps after one warm-up step. Memory: the
+process's peak RSS from after the two models are loaded (identical for all three) to the end of
+training (reset through /proc/self/clear_refs), so it holds the weights, the trainer's setup and
+its steps. Ends with `RESULT speedup=… mem_ratio=…` against the better TRL trainer on each axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEACHER, STUDENT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+TRAINERS = {
+    "potstill": "potstill distill (online, fused chunked loss)",
+    "trl_distill": "TRL 1.16 DistillationTrainer (chunked, off-policy via lookup)",
+    "trl_gkd": "TRL 1.16 GKDTrainer (lmbda=0, beta=0)",
+}
+LR, LORA = 1e-4, {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def build_items(tokenizer, seqs: int, max_len: int):
+    from potstill.data import read_records
+    from potstill.train.distill import Item
+    from potstill.train.sft import build_example
+
+    items = []
+    for record in read_records(f"rg:gsm_symbolic?size={4 * seqs}&seed=7"):
+        messages = ({"role": "user", "content": record["question"]},)
+        ex = build_example(tokenizer, messages, record["solution"], max_len)
+        if ex is not None and ex.target_tokens >= max_len // 4:
+            items.append(Item(ex, str(record["id"]), messages))
+        if len(items) == seqs:
+            return items
+    raise SystemExit("not enough records with target tokens; raise --max-seq-len")
+
+
+def _split(item):
+    """(prompt ids, completion ids) of an item: the completion starts at its first label."""
+    start = next(i for i, label in enumerate(item.example.labels) if label != -100)
+    return item.example.input_ids[:start], item.example.input_ids[start:]
+
+
+class StepClock:
+    """Wall-clock time at the end of every optimizer step."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def timed(self, warmup: int = 1) -> float:
+        return self.ends[-1] - self.ends[warmup - 1]
+
+
+def run_potstill(student, teacher, tokenizer, items, args, clock: StepClock, out: str):
+    from rich.console import Console
+
+    from potstill.config import load_config
+    from potstill.models import apply_lora
+    from potstill.runs import RunDir
+    from potstill.sections import LoraConfig
+    from potstill.train.distill import DistillHooks, collate_items, make_loss_fn, online_teacher
+    from potstill.train.distill_config import DistillConfig
+    from potstill.train.loop import train
+    from potstill.train.sft import count_tokens
+
+    cfg = load_config(
+        DistillConfig,
+        overrides=[
+            "loss.kd_ratio.value=1.0",
+            f"train.lr={LR}",
+            "train.lr_schedule=constant",
+            "train.warmup_ratio=0.0",
+            "train.micro_batch_size=1",
+            f"train.grad_accum={len(items)}",
+            f"train.max_steps={args.steps + 1}",
+            f"train.max_seq_len={args.max_seq_len}",
+            "train.save_every=1000000",
+            "run.log_with=[]",
+        ],
+    )
+
+    class Hooks(DistillHooks):
+        def after_step(self, step, logged):
+            clock.ends.append(time.perf_counter())
+
+    student = apply_lora(student, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0))
+    hooks = Hooks(cfg, tokenizer)
+    with RunDir(out, command="bench", config=cfg) as run:
+        train(
+            cfg=cfg.train,
+            model=student,
+            examples=items,
+            collate=lambda batch: collate_items(batch, tokenizer.pad_token_id),
+            count_tokens=count_tokens,
+            loss_fn=make_loss_fn(cfg, online_teacher(teacher), hooks),
+            run=run,
+            log_with=[],
+            console=Console(quiet=True),
+            hooks=hooks,
+        )
+
+
+def _trl_callback(clock: StepClock):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.ends.append(time.perf_counter())
+
+    return Clock()
+
+
+def _common_args(args, n: int, out: str) -> dict:
+    return {
+        "output_dir": out,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": n,
+        "max_steps": args.steps + 1,
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 1000,
+        "save_strategy": "no",
+        "report_to": [],
+        "bf16": False,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    }
+
+
+def _peft_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def run_trl_distill(student, teacher, tokenizer, items, args, clock: StepClock, out: str):
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    by_prompt = {tokenizer.decode(_split(it)[0]): _split(it) for it in items}
+
+    class SameBatches(DistillationTrainer):
+        # 1.16 always samples completions; hand it the dataset's instead (same batches as ours).
+        def _generate(self, prompts):
+            pairs = [by_prompt[p] for p in prompts]
+            return [p for p, _ in pairs], [c for _, c in pairs], None, None, []
+
+    config = DistillationConfig(
+        **_common_args(args, len(items), out),
+        beta=0.0,
+        temperature=1.0,
+        max_completion_length=args.max_seq_len,
+        disable_dropout=True,
+    )
+    tokenizer.padding_side = "left"
+    trainer = SameBatches(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": list(by_prompt)}),
+        processing_class=tokenizer,
+        callbacks=[_trl_callback(clock)],
+        peft_config=_peft_config(),
+    )
+    trainer.train()
+
+
+def run_trl_gkd(student, teacher, tokenizer, items, args, clock: StepClock, out: str):
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from potstill.train.sft import collate
+
+    def collator(rows):
+        batch = collate([items[r["idx"]].example for r in rows], tokenizer.pad_token_id)
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    config = GKDConfig(
+        **_common_args(args, len(items), out),
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        seq_kd=False,
+        max_length=args.max_seq_len,
+        disable_dropout=True,
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        data_collator=collator,
+        train_dataset=Dataset.from_dict({"idx": list(range(len(items)))}),
+        processing_class=tokenizer,
+        callbacks=[_trl_callback(clock)],
+        peft_config=_peft_config(),
+    )
+    trainer.train()
+
+
+def worker(name: str, args) -> dict:
+    import torch
+
+    from potstill.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(args.student)
+    items = build_items(tokenizer, args.seqs, args.max_seq_len)
+    teacher = load_model(args.teacher, dtype="float32", device="cpu").eval().requires_grad_(False)
+    student = load_model(args.student, dtype="float32", device="cpu")
+    loaded_kib = _status_kib("VmRSS")
+    _reset_peak()
+    clock = StepClock()
+    runner = {"potstill": run_potstill, "trl_distill": run_trl_distill, "trl_gkd": run_trl_gkd}
+    with tempfile.TemporaryDirectory() as out:
+        runner[name](student, teacher, tokenizer, items, args, clock, out)
+    if len(clock.ends) != args.steps + 1:
+        raise RuntimeError(f"{name}: {len(clock.ends)} steps timed, expected {args.steps + 1}")
+    tokens = args.steps * sum(sum(lb != -100 for lb in it.example.labels[1:]) for it in items)
+    seconds = clock.timed()
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / args.steps,
+        "peak_mib": _status_kib("VmHWM") / 1024,
+        "models_mib": loaded_kib / 1024,
+        "tokens_per_step": tokens // args.steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up)")
+    parser.add_argument("--seqs", type=int, default=2, help="sequences per optimizer step")
+    parser.add_argument("--max-seq-len", type=int, default=160)
+    parser.add_argument("--only", choices=list(TRAINERS), action="append")
+    parser.add_argument("--teacher", default=TEACHER, help="model spec (kit name by default)")
+    parser.add_argument("--student", default=STUDENT, help="model spec (kit name by default)")
+    parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("WORKER " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+    results = {}
+    for name in args.only or TRAINERS:
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
+        cmd += ["--seqs", str(args.seqs), "--max-seq-len", str(args.max_seq_len)]
+        cmd += ["--teacher", args.teacher, "--student", args.student]
+        start = time.perf_counter()
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(lines[-1][7:])
+        print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"\n{args.seqs} sequences x <= {args.max_seq_len} tokens per step, {args.steps} steps")
+    print(f"{'trainer':<64} {'tokens/s':>9} {'s/step':>7} {'peak MiB':>9} {'models MiB':>10}")
+    for name, r in results.items():
+        print(
+            f"{TRAINERS[name]:<64} {r['tokens_per_s']:>9.1f} {r['step_s']:>7.1f} "
+            f"{r['peak_mib']:>9.0f} {r['models_mib']:>10.0f}"
+        )
+    ours, trl = (
+        results.get("potstill"),
+        [results[n] for n in ("trl_distill", "trl_gkd") if n in results],
+    )
+    if ours is None or not trl:
+        raise SystemExit("RESULT missing: a trainer failed")
+    speedup = ours["tokens_per_s"] / max(r["tokens_per_s"] for r in trl)
+    mem_ratio = ours["peak_mib"] / min(r["peak_mib"] for r in trl)
+    figures = {"speedup": speedup, "mem_ratio": mem_ratio}
+    for name in ("trl_distill", "trl_gkd"):
+        if name in results:
+            figures[f"speedup_vs_{name}"] = ours["tokens_per_s"] / results[name]["tokens_per_s"]
+            figures[f"mem_ratio_vs_{name}"] = ours["peak_mib"] / results[name]["peak_mib"]
+    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
