@@ -1,0 +1,289 @@
+"""Benchmark: the offline teacher cache on the real pair — bytes per token against accuracy.
+
+    python benchmarks/kd_cache.py                        # >= 2,000 target tokens, fp32 on CPU
+    python benchmarks/kd_cache.py --tokens 200 --grad packed-q8:64   # a quick look
+
+Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct (offline kit). Records:
+reasoning-gym gsm_symbolic questions with their reference worked solutions as targets (the longest
+of a pool, so prompts cost less), the step_by_step system prompt, built by `build_example` as every
+trainer builds them.
+
+1. The teacher runs once (the stage's own `target_hidden`/`target_logits`); its dense logits at the
+   target positions are kept (and saved under --work, so a rerun skips the teacher).
+2. For each k and encoding, a cache is written with `CacheWriter`, opened with `open_cache` (full
+   verify) and read back record by record. bytes/token = files on disk (headers, index and
+   meta.json included) / target tokens.
+3. The student, LoRA r=16 on every linear layer of all 24 blocks at its initialisation (B = 0, so
+   the gradient lives in B: a random projection, by A, of the full weight gradient), runs one
+   forward per record. Forward KL at T = 1 against the dense teacher and against each cache
+   (the losses library's sparse path, tail="bucket"), summed over target tokens:
+   kl_rel_err = |KL_cached − KL_dense| / KL_dense. For the encodings in --grad, the gradient of
+   that loss w.r.t. the LoRA weights, accumulated over all records: grad_cosine = cos(∇cached,
+   ∇dense). A cache whose decoded rows equal another's bit for bit (u32 vs packed ids) reuses
+   its accuracy figures (checked, not assumed).
+
+Ends with `RESULT bytes_per_token=… grad_cosine=… kl_rel_err=…` for the shipped default
+(`TeacherCacheConfig()`'s k and encoding); bar: <= 300 bytes/token with grad_cosine >= 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TEACHER = "qwen2.5-coder-1.5b-instruct"
+STUDENT = "qwen2.5-coder-0.5b-instruct"
+
+
+def build_examples(tokenizer, min_tokens: int, pool: int, max_seq_len: int):
+    """(record id, Example) for the gsm_symbolic records with the longest solutions, until they
+    hold `min_tokens` target tokens."""
+    from potstill.data import read_records
+    from potstill.prompts import load_prompt
+    from potstill.train.sft import build_example
+
+    system = load_prompt("step_by_step")
+    records = read_records(f"rg:gsm_symbolic?size={pool}&seed=1")
+    records.sort(key=lambda r: -len(r["solution"]))
+    out, tokens = [], 0
+    for r in records:
+        messages = (
+            {"role": "system", "content": system},
+            {"role": "user", "content": r["question"]},
+        )
+        ex = build_example(tokenizer, messages, r["solution"], max_seq_len)
+        if ex is None:
+            continue
+        out.append((r["id"], ex))
+        tokens += ex.target_tokens
+        if tokens >= min_tokens:
+            return out
+    raise SystemExit(f"only {tokens} target tokens in a pool of {pool}; raise --pool")
+
+
+def teacher_logits(examples, work: Path, batch_size: int = 4) -> list[torch.Tensor]:
+    """Dense teacher logits (n_i, V) float32 per record, at its target positions."""
+    from safetensors.torch import load_file, save_file
+
+    from potstill.models import load_model
+    from potstill.teacher.cache_stage import target_hidden
+    from potstill.teacher.cache_stage import target_logits as lm_head
+    from potstill.train.sft import collate
+
+    key = hashlib.sha256(
+        json.dumps([TEACHER, [(rid, ex.input_ids) for rid, ex in examples]]).encode()
+    ).hexdigest()[:16]
+    saved = work / f"teacher-logits-{key}.safetensors"
+    if saved.is_file():
+        tensors = load_file(saved)
+        return [tensors[str(i)] for i in range(len(examples))]
+    model = load_model(TEACHER, dtype="float32", device="cpu").eval()
+    out = []
+    start = time.perf_counter()
+    with torch.no_grad():  # not inference_mode: these logits later meet autograd
+        for i in range(0, len(examples), batch_size):
+            part = [ex for _, ex in examples[i : i + batch_size]]
+            hidden, rows = target_hidden(model, collate(part, 0))
+            logits = lm_head(model, hidden)
+            out += [t.clone() for t in logits.split(rows)]
+    print(f"teacher: {sum(len(ex.input_ids) for _, ex in examples):,} tokens forward in "
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({str(i): t.contiguous() for i, t in enumerate(out)}, saved)
+    del model
+    return out
+
+
+def write_variant(path: Path, examples, logits, k: int, encoding: str, fingerprint: str):
+    """Write, open (verify) and read back one cache; returns (cache rows, stats)."""
+    from potstill.teacher.cache import CacheWriter, open_cache
+    from potstill.teacher.cache_stage import top_k_rows
+
+    meta = {
+        "teacher": TEACHER,
+        "tokenizer_fingerprint": fingerprint,
+        "vocab_size": logits[0].shape[-1],
+        "k": k,
+        "temperature": 1.0,
+        "encoding": encoding,
+    }
+    start = time.perf_counter()
+    with CacheWriter(path, meta) as writer:
+        for (rid, _), z in zip(examples, logits, strict=True):
+            writer.write(rid, *top_k_rows(z, k, 1.0))
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cache = open_cache(path, teacher=TEACHER, vocab_size=meta["vocab_size"])
+    verify_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = [cache.get(rid) for rid, _ in examples]
+    read_s = time.perf_counter() - start
+    stats = {
+        "bytes_per_token": cache.nbytes / cache.tokens,
+        "write_ms_per_record": 1e3 * write_s / len(examples),
+        "read_ms_per_record": 1e3 * read_s / len(examples),
+        "verify_s": verify_s,
+    }
+    return rows, stats
+
+
+def delta_varint_bytes(rows) -> float:
+    """Bytes/token the ids would take sorted and delta-coded as LEB128 varints (the first id
+    absolute): the alternative to fixed-width packed ids, measured rather than assumed."""
+    total = tokens = 0
+    for top in rows:
+        ids = top.ids.sort(-1).values
+        gaps = torch.cat([ids[:, :1], ids[:, 1:] - ids[:, :-1]], -1)
+        total += int((1 + (gaps >= 1 << 7).long() + (gaps >= 1 << 14).long()).sum())
+        tokens += ids.shape[0]
+    return total / tokens
+
+
+def student_pass(examples, logits, variants: dict, grad_names: set[str]):
+    """KL sums for the dense teacher and every variant; LoRA gradients for the dense teacher and
+    the variants in `grad_names`."""
+    from potstill.losses import TeacherLogits, kd_loss
+    from potstill.models import apply_lora, load_model
+    from potstill.sections import LoraConfig
+    from potstill.teacher.cache_stage import target_hidden
+    from potstill.teacher.cache_stage import target_logits as lm_head
+    from potstill.train.sft import collate
+
+    model = load_model(STUDENT, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    model = apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0)).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(ex.target_tokens for _, ex in examples)
+    kl = {name: 0.0 for name in ["dense", *variants]}
+    grads = {name: [torch.zeros_like(p) for p in params] for name in ["dense", *grad_names]}
+    start = time.perf_counter()
+    for i, (_, ex) in enumerate(examples):
+        batch = collate([ex], 0)
+        hidden, _ = target_hidden(model, batch)
+        z = lm_head(model, hidden)  # (n, V) with the graph back to the LoRA weights
+        labels = batch["labels"][0, 1:][batch["labels"][0, 1:] != -100]
+        teachers = {"dense": TeacherLogits(logits[i])}
+        teachers.update({name: rows[i] for name, rows in variants.items()})
+        for name, teacher in teachers.items():
+            with torch.set_grad_enabled(name in grads):
+                out = kd_loss(
+                    z if name in grads else z.detach(),
+                    labels,
+                    teacher,
+                    kd_ratio=1.0,
+                    temperature=1.0,
+                    tail="bucket",
+                    num_target_tokens=total,
+                )
+            kl[name] += out.soft_sum
+            if name in grads:
+                step = torch.autograd.grad(out.loss, params, retain_graph=True)
+                for acc, g in zip(grads[name], step, strict=True):
+                    acc += g
+        print(f"  student record {i + 1}/{len(examples)} ({time.perf_counter() - start:.0f} s)",
+              flush=True)  # fmt: skip
+    flat = {name: torch.cat([g.flatten() for g in gs]).double() for name, gs in grads.items()}
+    cosine = {
+        name: float(torch.nn.functional.cosine_similarity(flat[name], flat["dense"], dim=0))
+        for name in flat
+    }
+    return kl, cosine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2000, help="target tokens, at least")
+    parser.add_argument("--pool", type=int, default=80, help="gsm_symbolic records to pick from")
+    parser.add_argument("--ks", default="8,16,32,64,128")
+    parser.add_argument("--encodings", default="packed-q8,packed-f16,packed-f32")
+    parser.add_argument(
+        "--grad",
+        default="packed-q8:8,packed-q8:16,packed-q8:32,packed-q8:64,packed-q8:128,"
+        "packed-f32:8,packed-f32:32,packed-f32:64,packed-f16:32",
+        help="encoding:k pairs whose student gradient is measured (each costs one backward)",
+    )
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kd_cache")
+    args = parser.parse_args()
+
+    from potstill.models import check_same_vocab, load_tokenizer
+    from potstill.teacher.cache import tokenizer_fingerprint
+    from potstill.teacher.cache_stage import TeacherCacheConfig
+
+    default = TeacherCacheConfig()
+    tokenizer = load_tokenizer(TEACHER)
+    check_same_vocab(tokenizer, load_tokenizer(STUDENT))
+    examples = build_examples(tokenizer, args.tokens, args.pool, default.max_seq_len)
+    tokens = sum(ex.target_tokens for _, ex in examples)
+    print(f"{len(examples)} records, {tokens:,} target tokens, "
+          f"{sum(len(ex.input_ids) for _, ex in examples):,} tokens in all")  # fmt: skip
+    logits = teacher_logits(examples, args.work)
+
+    ks = sorted({int(k) for k in args.ks.split(",")} | {default.k})
+    encodings = list(dict.fromkeys([*args.encodings.split(","), default.encoding]))
+    grid = [(e, k) for k in ks for e in encodings] + [("u32-f32", 128), ("u32-f32", default.k)]
+    grid = list(dict.fromkeys(grid))
+    grad_names = {f"{e}:{k}" for e, k in (g.split(":") for g in args.grad.split(","))}
+    grad_names.add(f"{default.encoding}:{default.k}")
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    variants, stats, same_as = {}, {}, {}
+    root = args.work / "caches"
+    shutil.rmtree(root, ignore_errors=True)
+    for encoding, k in grid:
+        name = f"{encoding}:{k}"
+        rows, stats[name] = write_variant(root / name, examples, logits, k, encoding, fingerprint)
+        twin = next(
+            (
+                other
+                for other, other_rows in variants.items()
+                if all(
+                    torch.equal(a.ids, b.ids) and torch.equal(a.log_probs, b.log_probs)
+                    for a, b in zip(rows, other_rows, strict=True)
+                )
+            ),
+            None,
+        )
+        if twin is None:
+            variants[name] = rows
+        else:
+            same_as[name] = twin
+    shutil.rmtree(root, ignore_errors=True)
+
+    kl, cosine = student_pass(examples, logits, variants, grad_names & set(variants))
+    print(f"\ndense teacher: forward KL {kl['dense'] / tokens:.4f} nats/token; dense fp32 rows "
+          f"would take {4 * logits[0].shape[-1]:,} bytes/token")  # fmt: skip
+    header = f"{'k':>4} {'encoding':<11} {'bytes/tok':>9} {'kl_rel_err':>10} {'grad_cos':>9}"
+    print(header + f" {'write ms/rec':>12} {'read ms/rec':>11}")
+    print("-" * (len(header) + 25))
+    for encoding, k in grid:
+        name = f"{encoding}:{k}"
+        src = same_as.get(name, name)
+        rel = abs(kl[src] - kl["dense"]) / kl["dense"]
+        cos = f"{cosine[src]:.5f}" if src in cosine else "-"
+        s = stats[name]
+        print(f"{k:>4} {encoding:<11} {s['bytes_per_token']:>9.1f} {rel:>10.5f} {cos:>9} "
+              f"{s['write_ms_per_record']:>12.2f} {s['read_ms_per_record']:>11.3f}")  # fmt: skip
+    name = f"{default.encoding}:{default.k}"
+    rows = variants[same_as.get(name, name)]
+    bits = (logits[0].shape[-1] - 1).bit_length()
+    print(
+        f"ids at k={default.k}: packed {default.k * bits / 8:.1f} bytes/token, sorted + "
+        f"delta varint {delta_varint_bytes(rows):.1f}"
+    )
+    rel = abs(kl[name] - kl["dense"]) / kl["dense"]
+    print(f"\ndefault: k={default.k} {default.encoding}")
+    print(
+        f"RESULT bytes_per_token={stats[name]['bytes_per_token']:.1f} "
+        f"grad_cosine={cosine[name]:.4f} kl_rel_err={rel:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
