@@ -108,6 +108,16 @@ def test_resume_with_a_changed_config_names_every_changed_key(pair, tmp_path):
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     changed = ["--set", "train.lr=0.5", "--set", "loss.temperature=2.0", "--resume"]
     proc = run_cli(*cli_args(student, teacher, data, out, *changed))
-    _fails(proc, "loss.temperature (1.0 before, 2.0 now)", "train.lr (1e-05 before, 0.5 now)")
+    _fails(proc, "loss.temperature (1.0 before, 2.0 now)", "train.lr (0.0001 before, 0.5 now)")
     assert (out / "config.yaml").read_text() == config_before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
+
+
+def test_a_section_given_in_part_keeps_the_stage_defaults():
+    from potstill.config import load_config
+    from potstill.train.distill_config import DistillConfig
+
+    cfg = load_config(DistillConfig, overrides=["student.name=my/model", "train.max_steps=3"])
+    assert cfg.student.lora is not None and cfg.student.lora.r == 16  # distill's default: LoRA
+    assert cfg.train.lr == 1e-4  # distill's default, not TrainConfig's 1e-5
+    assert load_config(DistillConfig, overrides=["student.lora=null"]).student.lora is None

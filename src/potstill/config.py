@@ -97,7 +97,8 @@ def _type_error(value, tp, key: str) -> ConfigError:
 def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
     """Build `cls` from a plain dict; unknown keys, wrong types and bad values raise ConfigError."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -106,11 +107,31 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
             raise ConfigError(
                 f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(names)}"
             )
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            # A section given in part keeps the rest of *this* field's default (SFTConfig's
+            # model has LoRA on, ModelConfig's own default has it off), not the section class's.
+            value = _deep_merge(to_dict(default), value)
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _deep_merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def to_dict(cfg) -> dict:
