@@ -1,6 +1,7 @@
 """`potstill distill` on bad input: one line, exit 2, nothing written or overwritten."""
 
 import json
+import shutil
 
 import pytest
 from rich.console import Console
@@ -121,3 +122,32 @@ def test_a_section_given_in_part_keeps_the_stage_defaults():
     assert cfg.student.lora is not None and cfg.student.lora.r == 16  # distill's default: LoRA
     assert cfg.train.lr == 1e-4  # distill's default, not TrainConfig's 1e-5
     assert load_config(DistillConfig, overrides=["student.lora=null"]).student.lora is None
+
+
+def _student_with_template(root, name, template):
+    from potstill.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(root / "student-base")
+    tokenizer.chat_template = template
+    load_model(root / "student-base", device="cpu").save_pretrained(root / name)
+    tokenizer.save_pretrained(root / name)
+    return root / name
+
+
+def test_student_chat_template_must_build_the_cached_tokens(pair, tmp_path):
+    from .conftest import CHATML
+
+    student, teacher, data, root = pair
+    cache = write_cache(
+        tmp_path / "cache", teacher, config(student, teacher, data, root / "x"), k=4
+    )
+    shutil.copytree(student, tmp_path / "student-base")
+    offline = ["--set", "teacher.mode=offline", "--set", f"teacher.cache={cache}"]
+    # A template that differs only where these records never go (like Qwen2.5-Coder 0.5B/1.5B).
+    unused = "{% if tools %}tools!{% endif %}" + CHATML
+    same = _student_with_template(tmp_path, "same-render", unused)
+    proc = run_cli(*cli_args(same, teacher, data, tmp_path / "ok", *offline))
+    assert proc.returncode == 0, proc.stderr
+    other = _student_with_template(tmp_path, "other-render", CHATML.replace("\n", " "))
+    proc = run_cli(*cli_args(other, teacher, data, tmp_path / "bad", *offline))
+    _fails(proc, "record 'r0' tokenises differently")

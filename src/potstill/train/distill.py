@@ -18,7 +18,6 @@ resume, and logs the parts (ce, soft, kd_ratio), lr and tokens/s.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import torch
 from rich.console import Console
 
 from potstill.data import read_records
-from potstill.errors import ConfigError, DataError, ModelError
+from potstill.errors import DataError, ModelError
 from potstill.losses import (
     Balance,
     Schedule,
@@ -40,6 +39,7 @@ from potstill.prompts import load_prompt
 from potstill.runs import RunDir, check_same_config
 from potstill.train.distill_config import DistillConfig, KDRatioConfig
 from potstill.train.loop import StepHooks
+from potstill.train.offline_teacher import cache_rows, open_teacher_cache
 from potstill.train.sft import Example, build_example, collate, count_tokens
 
 
@@ -99,24 +99,6 @@ def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch
         batch["teacher_ids"] = torch.cat([p.ids for p in parts]).long()
         batch["teacher_log_probs"] = torch.cat([p.log_probs for p in parts]).float()
     return batch
-
-
-def _predicted_targets(example: Example) -> int:
-    return sum(label != IGNORE_INDEX for label in example.labels[1:])
-
-
-def _data_meta(meta: dict) -> str:
-    keys = ("prompt_field", "target_field", "system_prompt", "max_seq_len")
-    return ", ".join(f"{k}={meta[k]!r}" for k in keys if k in meta)
-
-
-def cache_rows(cache, item: Item) -> TeacherTopK:
-    """The cached top-k rows of this item's predicted target tokens (positions t >= 1 with a
-    label, in order; `open_teacher_cache` checked there are enough). A max_seq_len shorter than
-    the cache's takes a prefix of them."""
-    top = cache.get(item.record_id)
-    n = _predicted_targets(item.example)
-    return TeacherTopK(top.ids[:n], top.log_probs[:n])
 
 
 def make_kd_ratio(cfg: KDRatioConfig):
@@ -245,56 +227,6 @@ def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
     return kd_step_loss
 
 
-def open_teacher_cache(cfg: DistillConfig, tokenizer, vocab_size: int, items: list[Item]):
-    """The offline cache, checked against this student's tokenizer and teacher, covering every
-    record (the first missing one is named)."""
-    from potstill.teacher.cache import open_cache
-
-    cache = open_cache(
-        cfg.teacher.cache,
-        tokenizer=tokenizer,
-        teacher=cfg.teacher.model.name,
-        vocab_size=vocab_size,
-    )
-    missing = next((item.record_id for item in items if item.record_id not in cache), None)
-    if missing is not None:
-        raise DataError(
-            f"{cfg.teacher.cache}: no entry for record '{missing}'; the cache was made from other "
-            f"records than {cfg.data.source}: run `potstill teacher cache` on them"
-        )
-    system = load_prompt(cfg.data.system_prompt) if cfg.data.system_prompt else None
-    ours = {
-        "prompt_field": cfg.data.prompt_field,
-        "target_field": cfg.data.target_field,
-        "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest() if system else None,
-    }
-    changed = [k for k, v in ours.items() if k in cache.meta and cache.meta[k] != v]
-    if changed:
-        names = ", ".join("system_prompt" if k.startswith("system") else k for k in changed)
-        raise ConfigError(
-            f"{cfg.teacher.cache}: cache built with other data.{names} ({_data_meta(cache.meta)})"
-            "; its positions would not line up: use the cache's settings or cache again"
-        )
-    short = next(
-        (i for i in items if cache.num_tokens(i.record_id) < _predicted_targets(i.example)), None
-    )
-    if short is not None:
-        raise DataError(
-            f"{cfg.teacher.cache}: record '{short.record_id}' has "
-            f"{cache.num_tokens(short.record_id)} cached positions but "
-            f"{_predicted_targets(short.example)} target tokens here: the cache was made with "
-            f"another system prompt, fields or max_seq_len (cache: {_data_meta(cache.meta)}); "
-            "make it with this config's data settings"
-        )
-    meta_t = cache.meta.get("temperature")
-    if meta_t is not None and float(meta_t) != cfg.loss.temperature:
-        raise ConfigError(
-            f"loss.temperature={cfg.loss.temperature} but the cache holds log-probs at "
-            f"temperature {meta_t}; set loss.temperature={meta_t} or cache again"
-        )
-    return cache
-
-
 def load_teacher(cfg: DistillConfig, student_vocab: int, device):
     from potstill.models import load_model
 
@@ -338,7 +270,10 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
         trust_remote_code=cfg.student.trust_remote_code,
     )
     vocab = student.get_output_embeddings().weight.shape[0]
-    cache = None if online else open_teacher_cache(cfg, tokenizer, vocab, items)
+    cache = None
+    if not online:
+        rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
+        cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
     teacher = load_teacher(cfg, vocab, student.device) if online else None
     if cfg.student.lora:
         torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
