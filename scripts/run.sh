@@ -71,6 +71,11 @@ case "$cmd" in
     ;;
   quickstart)
     setup
+    # Part of the set-up: the kit's teacher and student, fetched and converted once (a few
+    # minutes the first time, instant after).
+    for model in qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct; do
+      "$VENV/bin/potstill" models prepare "$model" > /dev/null
+    done
     exec "$VENV/bin/potstill" quickstart "$@"
     ;;
   potstill)

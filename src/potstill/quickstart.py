@@ -55,7 +55,7 @@ TASK = "rg:basic_arithmetic?min_terms=2&max_terms=4&min_digits=1&max_digits=2"
 
 @dataclass
 class QuickstartData:
-    train: str = f"{TASK}&size=64&seed=1"
+    train: str = f"{TASK}&size=80&seed=1"
     """Questions the teacher answers and the student learns from."""
     eval: str = f"{TASK}&size=60&seed=10000"
     """Held-out questions for every model. reasoning-gym draws item i from seed + i, so seeds
@@ -79,7 +79,7 @@ class QuickstartConfig:
     """Training and held-out questions."""
     decoding: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(
-            max_new_tokens=160, batch_size=32, system_prompt="step_by_step"
+            max_new_tokens=96, batch_size=32, system_prompt="arithmetic_steps"
         )
     )
     """How every model answers in the evals (teacher, student before and after: the same)."""
@@ -95,7 +95,7 @@ class QuickstartConfig:
     saves the slowest model a second pass on CPU."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            lr=2e-4, epochs=2, micro_batch_size=4, grad_accum=2, max_seq_len=512,
+            lr=2e-4, epochs=3, micro_batch_size=4, grad_accum=2, max_seq_len=256,
             warmup_ratio=0.1, save_every=5,
         )
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """What a model costs to run: parameters, bytes on disk, peak memory, speed, and $ per answers.
 
-Peak memory on CPU is the process's resident set sampled while the model is loaded and answering,
-minus what was resident before it was loaded (large tensors are mmap-allocated and given back when
+Peak memory on CPU is the process's resident set sampled while the model answers (after loading,
+so a loader's transient copies don't count), minus what was resident before it was loaded (large tensors are mmap-allocated and given back when
 freed, so consecutive models in one process are measured apart); on CUDA it is the allocator's
 peak. $ per 1,000 answers is the measured wall time per answer (batched, as the eval ran) times
 the hardware's price per hour, which the user states: it is an estimate, not a bill.
@@ -9,6 +9,7 @@ the hardware's price per hour, which the user states: it is an estimate, not a b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -52,6 +53,17 @@ def hardware_name() -> str:
     return f"{cores}-core CPU ({platform.machine()})"
 
 
+def release_memory() -> None:
+    """Give freed memory back to the OS: glibc keeps freed heap pages (weights under its mmap
+    threshold) for reuse, so a model deleted before the next one loads would still count twice."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -75,6 +87,13 @@ class MemoryMeter:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
+
+    def reset_peak(self) -> None:
+        """Forget the peak so far (a loader's transient copies), keeping the baseline."""
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._peak = _rss_bytes()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):

@@ -9,7 +9,6 @@ answers only what is missing. `eval.json` holds every model's cost and every (mo
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import time
@@ -25,7 +24,14 @@ from potstill.curate.verifiers import check_gold, find_answer, verify
 from potstill.data import ShardWriter, read_records, read_shards
 from potstill.errors import ConfigError
 from potstill.eval.bench import score_samples
-from potstill.eval.cost import MemoryMeter, SpeedMeter, cost_summary, hardware_name, weight_bytes
+from potstill.eval.cost import (
+    MemoryMeter,
+    SpeedMeter,
+    cost_summary,
+    hardware_name,
+    release_memory,
+    weight_bytes,
+)
 from potstill.fsutil import atomic_write_text
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
@@ -225,6 +231,7 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
         t0 = time.perf_counter()
         backend = make_backend(model.model_config(), cfg.backend, batch_size=gen.batch_size)
         load_seconds = time.perf_counter() - t0
+        memory.reset_peak()
         provenance = provenance_of(backend, model.name, gen)
         for name, pairs in todo.items():
             if pairs:
@@ -235,7 +242,7 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
         params = sum(p.numel() for p in hf_model.parameters()) if hf_model is not None else None
         backend.close()
         del backend, hf_model
-        gc.collect()
+        release_memory()
     disk = weight_bytes(resolve_path(model.name)) if cfg.backend.kind != "openai" else None
     cost = {
         "name": model.name,
