@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from potstill.data import read_records
-from potstill.errors import DataError, ModelError
+from potstill.errors import ConfigError, DataError, ModelError
 from potstill.losses import (
     Balance,
     Schedule,
@@ -197,6 +197,11 @@ def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
             use_cache=False,
         )
         head = getattr(model, "module", model).get_output_embeddings()
+        if head.weight.dim() != 2 or head.weight.numel() == 0:
+            raise ConfigError(
+                "the student's lm_head is sharded (DeepSpeed ZeRO-3 / FSDP full sharding), which "
+                "distill does not gather yet; use DDP, ZeRO-1/2 or FSDP without sharding"
+            )
         hidden = out.hidden_states[-1][:, :-1][mask].to(head.weight.dtype)  # (N, H)
         # GKD: on the student's own samples the hard label is its own token; only the teacher
         # teaches there.
