@@ -112,7 +112,7 @@ class QuickstartConfig:
         )
 
 
-STAGES = ("eval-before", "generate", "curate", "sft", "eval-after", "report")
+STAGES = ("eval-before", "generate", "curate", "sft", "eval-after")
 
 
 def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dict:
@@ -126,14 +126,18 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dic
         train_path, eval_path = _write_split(run.path, train_records, eval_records, console)
         started = time.perf_counter()
         for i, stage in enumerate(STAGES, 1):
-            console.rule(f"[bold]{i}/{len(STAGES)} {stage}")
+            console.rule(f"[bold]{i}/{len(STAGES) + 1} {stage}")
             with run.timed(stage):
                 STAGE_FUNCTIONS[stage](cfg, run.path, train_path, eval_path, console)
         summary = summarise(run.path)
         run.count(**{k: v for k, v in summary.items() if isinstance(v, int | float)})
-        run.manifest["timings"]["total"] = round(time.perf_counter() - started, 1)
-        run.save()
-    print_summary(summary, run.path, console)
+        run.manifest["timings"]["this_attempt"] = round(time.perf_counter() - started, 1)
+    # The report comes last, once the quickstart's own run is complete (it reports on it).
+    console.rule(f"[bold]{len(STAGES) + 1}/{len(STAGES) + 1} report")
+    from potstill.report import write_report
+
+    html = write_report([out], out / "report.html", price_per_hour=cfg.cost.usd_per_hour)
+    print_summary(summary, html, console)
     return summary
 
 
@@ -237,13 +241,6 @@ def eval_after(cfg, path: Path, train_path: str, eval_path: str, console) -> Non
     run_eval(_eval_config(cfg, path / "eval-after", eval_path, kept, models), console)
 
 
-def report(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
-    from potstill.report import write_report
-
-    html = write_report([path], path / "report.html", price_per_hour=cfg.cost.usd_per_hour)
-    console.print(f"report → {html}")
-
-
 def _questions(stage: str) -> str:
     return "training (answered, not learned)" if stage == "generate" else "held-out"
 
@@ -254,7 +251,6 @@ STAGE_FUNCTIONS = {
     "curate": curate,
     "sft": sft,
     "eval-after": eval_after,
-    "report": report,
 }
 
 
@@ -289,7 +285,7 @@ def summarise(path: Path) -> dict:
     return summary
 
 
-def print_summary(summary: dict, path: Path, console: Console) -> None:
+def print_summary(summary: dict, report_path: Path, console: Console) -> None:
     table = Table(title="teacher → student (same decoding for every model)")
     for col in (
         "model",
@@ -325,4 +321,4 @@ def print_summary(summary: dict, path: Path, console: Console) -> None:
                if "cost_ratio" in summary else "")
         )  # fmt: skip
     console.print(line)
-    console.print(f"report: {path / 'report.html'}")
+    console.print(f"report: {report_path}")

@@ -1,10 +1,11 @@
 """What a model costs to run: parameters, bytes on disk, peak memory, speed, and $ per answers.
 
 Peak memory on CPU is the process's resident set sampled while the model answers (after loading,
-so a loader's transient copies don't count), minus what was resident before it was loaded (large tensors are mmap-allocated and given back when
-freed, so consecutive models in one process are measured apart); on CUDA it is the allocator's
-peak. $ per 1,000 answers is the measured wall time per answer (batched, as the eval ran) times
-the hardware's price per hour, which the user states: it is an estimate, not a bill.
+so a loader's transient copies don't count), minus what was resident before it was loaded; freed
+models are handed back to the OS, so consecutive models in one process are measured apart. On CUDA
+it is the allocator's peak. $ per 1,000 answers is the measured wall time per answer (batched, as
+the eval ran) times the hardware's price per hour, which the user states: an estimate, not a bill.
+Latency is what one user waits for one answer: a few questions answered alone (batch of one).
 """
 
 from __future__ import annotations
@@ -111,13 +112,11 @@ class MemoryMeter:
 
 @dataclass
 class SpeedMeter:
-    """Answers, generated tokens and wall time of one model's generation, and each answer's
-    latency (from the start of the batch run it was part of to its arrival)."""
+    """Answers, generated tokens and wall time of one model's (batched) generation."""
 
     answers: int = 0
     tokens: int = 0
     seconds: float = 0.0
-    latency_sum: float = 0.0
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
@@ -125,10 +124,12 @@ class SpeedMeter:
     def record(self, completion_tokens: int) -> None:
         self.answers += 1
         self.tokens += completion_tokens
-        self.latency_sum += time.perf_counter() - self._t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
 
     def stop(self) -> None:
-        self.seconds += time.perf_counter() - self._t0
+        self.seconds += self.elapsed()
 
 
 def cost_summary(
@@ -139,6 +140,7 @@ def cost_summary(
     speed: SpeedMeter,
     usd_per_hour: float,
     load_seconds: float,
+    latency_s: float | None,
 ) -> dict:
     per_answer = speed.seconds / max(speed.answers, 1)
     return {
@@ -147,7 +149,7 @@ def cost_summary(
         "peak_memory_bytes": peak_memory_bytes,
         "load_seconds": round(load_seconds, 2),
         "seconds_per_answer": round(per_answer, 4),
-        "latency_s": round(speed.latency_sum / max(speed.answers, 1), 3),
+        "latency_s": None if latency_s is None else round(latency_s, 3),
         "tokens_per_s": round(speed.tokens / max(speed.seconds, 1e-9), 2),
         "mean_completion_tokens": round(speed.tokens / max(speed.answers, 1), 1),
         "usd_per_1k_answers": round(price_per_1k_answers(per_answer, usd_per_hour), 5),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -94,9 +94,16 @@ class CostConfig:
     ~$2-4): turns measured seconds per answer into $ per 1,000 answers."""
     hardware: str | None = None
     """What that hardware is, for the report (default: detected, e.g. "2-core CPU (x86_64)")."""
+    latency_samples: int = 2
+    """Questions each model also answers alone (batch of one) to time the latency one user
+    sees; 0 skips it."""
 
     def __post_init__(self):
         check(self.usd_per_hour >= 0, f"usd_per_hour: must be >= 0, got {self.usd_per_hour}")
+        check(
+            self.latency_samples >= 0,
+            f"latency_samples: must be >= 0, got {self.latency_samples}",
+        )
 
 
 @dataclass
@@ -238,6 +245,7 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
                 _answer(
                     backend, pairs, gen, run.path, model.label, name, provenance, speed, console
                 )
+        latency = _latency(backend, tasks, gen, system_prompt, cfg.cost.latency_samples)
         hf_model = getattr(backend, "model", None)
         params = sum(p.numel() for p in hf_model.parameters()) if hf_model is not None else None
         backend.close()
@@ -254,11 +262,27 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
             speed=speed,
             usd_per_hour=cfg.cost.usd_per_hour,
             load_seconds=load_seconds,
+            latency_s=latency,
         ),
     }
     cost_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cost_path, json.dumps(cost, indent=2) + "\n")
     return cost
+
+
+def _latency(backend, tasks, gen, system_prompt, samples: int) -> float | None:
+    """Mean seconds to answer one question alone (batch of one), over the first few questions."""
+    records = next(iter(tasks.values()))[:samples]
+    if not records:
+        return None
+    pairs = build_requests(records, replace(gen, num_samples=1), system_prompt)
+    seconds = []
+    for request, _ in pairs:
+        start = time.perf_counter()
+        for _ in backend.generate([request], sampling_of(gen)):
+            pass
+        seconds.append(time.perf_counter() - start)
+    return sum(seconds) / len(seconds)
 
 
 def resolve_path(name: str) -> str:
@@ -285,8 +309,8 @@ def _answer(backend, pairs, gen, run_path, label, task, provenance, speed, conso
 
         def on_result(out) -> None:
             speed.record(out.completion_tokens)
-            elapsed = max(time.perf_counter() - speed._t0, 1e-9)
-            progress.update(bar, advance=1, speed=f"{speed.tokens / elapsed:.1f} tok/s")
+            rate = speed.tokens / max(speed.elapsed(), 1e-9)
+            progress.update(bar, advance=1, speed=f"{rate:.1f} tok/s")
 
         speed.start()
         try:

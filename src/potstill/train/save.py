@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -25,11 +26,25 @@ def save_final(model, tokenizer, path: Path, *, merge: bool, base_spec: str | No
             config.base_model_name_or_path = base_spec
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with warnings.catch_warnings():
-        # PEFT looks for the base's config under the spec to check the vocabulary; a kit name is
-        # not a path, and the vocabulary is unchanged by LoRA, so its warning says nothing here.
+    with warnings.catch_warnings(), _hub_offline():
+        # PEFT looks for the base's config under the spec to check the vocabulary (on the Hub, if
+        # it can); a kit name is not a path, and the vocabulary is unchanged by LoRA, so the
+        # lookup and its warning say nothing here. Saving never needs the network.
         warnings.filterwarnings("ignore", message="Could not find a config file")
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
