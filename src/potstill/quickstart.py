@@ -242,7 +242,7 @@ def eval_after(cfg, path: Path, train_path: str, eval_path: str, console) -> Non
 
 
 def _questions(stage: str) -> str:
-    return "training (answered, not learned)" if stage == "generate" else "held-out"
+    return "train" if stage == "generate" else "held-out"
 
 
 STAGE_FUNCTIONS = {
@@ -286,29 +286,37 @@ def summarise(path: Path) -> dict:
 
 
 def print_summary(summary: dict, report_path: Path, console: Console) -> None:
-    table = Table(title="teacher → student (same decoding for every model)")
-    for col in (
-        "model",
-        "accuracy",
-        "params",
-        "tokens/answer",
-        "s/answer",
-        "tok/s",
-        "$/1k answers",
-    ):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    from rich import box
+
+    table = Table(
+        title="teacher → student (same decoding for every model)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        collapse_padding=True,
+        pad_edge=False,
+        show_edge=False,
+        caption="tok/ans: tokens per answer; s/ans: seconds per answer (batched); "
+        "$/1k: per 1,000 answers",
+    )
+    for col in ("model", "questions", "accuracy", "params", "tok/ans", "s/ans", "$/1k"):
+        table.add_column(col, justify="left" if col in ("model", "questions") else "right",
+                         no_wrap=True)  # fmt: skip
     for label, r in summary["rows"].items():
         table.add_row(
             label,
-            r["questions"],
+            f"{r['n']} {r['questions']}",
             f"{r['accuracy']:.1%} ({r['correct']}/{r['n']})",
-            f"{r['params'] / 1e9:.2f} B" if r.get("params") else "-",
+            f"{r['params'] / 1e9:.2f}B" if r.get("params") else "-",
             f"{r['mean_completion_tokens']:.0f}",
             f"{r['seconds_per_answer']:.2f}",
-            f"{r['tokens_per_s']:.1f}",
             f"{r['usd_per_1k_answers']:.4f}",
         )
     console.print(table)
+    if any(r["questions"] == "train" for r in summary["rows"].values()):
+        console.print(
+            "[dim]train: the teacher's accuracy on the training questions it answered (it never "
+            "learns from them); held-out: questions no model trained on[/]"
+        )
     line = (
         f"student: {summary['student_before_accuracy']:.1%} → "
         f"{summary['student_after_accuracy']:.1%} ({summary['gain_points']:+.1f} points) "
