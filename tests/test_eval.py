@@ -131,3 +131,16 @@ def test_eval_bad_input_is_one_line(tiny_model_dir, tmp_path):
     assert_one_line_error(proc, "no records found")
     proc = run_cli("eval", "--set", "ks=[4]")
     assert_one_line_error(proc, "ks: 4 needs at least that many samples")
+
+
+def test_memory_meter_measures_what_the_block_holds_despite_earlier_garbage():
+    import torch
+
+    from potstill.eval.cost import MemoryMeter
+
+    junk = [torch.ones(1_000_000) for _ in range(100)]  # 400 MB in 4 MB pieces, then freed
+    del junk
+    with MemoryMeter() as meter:
+        held = [torch.ones(1_000_000) for _ in range(50)]  # 200 MB
+    assert 0.9 * 200e6 < meter.peak_bytes < 1.3 * 200e6, meter.peak_bytes
+    del held

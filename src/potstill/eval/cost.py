@@ -83,6 +83,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        release_memory()  # earlier stages' freed pages would otherwise hide this model's size
         self._base = self._peak = _rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
