@@ -118,7 +118,7 @@ def test_cli_model_errors(tmp_path):
     bad = tmp_path / "m.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 20)
     out = tmp_path / "run"
-    proc = run_cli("quickstart", "--set", f"model.name={bad}", "--set", f"run.output_dir={out}")
+    proc = run_cli("quickstart", "--set", f"student.name={bad}", "--set", f"run.output_dir={out}")
     assert_one_line_error(proc, f"{bad}: not a readable GGUF file")
     assert not out.exists()  # validated before anything was written
 

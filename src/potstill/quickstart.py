@@ -118,8 +118,13 @@ STAGES = ("eval-before", "generate", "curate", "sft", "eval-after")
 def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     out = Path(cfg.run.output_dir)
+    from potstill.models import resolve_model_path
+
+    # Bad input fails here, before the run directory exists.
     train_records = read_records(cfg.data.train)
     eval_records = read_records(cfg.data.eval)
+    for model in (cfg.student, cfg.teacher):
+        resolve_model_path(model.name)  # prepares a kit model on first use
     with RunDir(
         out, command="quickstart", config=cfg, inputs=[cfg.data.train, cfg.data.eval]
     ) as run:
