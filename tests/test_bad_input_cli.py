@@ -43,9 +43,9 @@ def yaml_case(content: str):
 def model_case(spec_of):
     def make(d: Path):
         sets = [
-            f"model.name={spec_of(d)}",
+            f"student.name={spec_of(d)}",
             f"run.output_dir={d / 'run'}",
-            "data.source=rg:chain_sum",
+            "data.train=rg:chain_sum?size=4&seed=1",
         ]
         return ["quickstart"] + [arg for s in sets for arg in ("--set", s)]
 
@@ -99,8 +99,8 @@ CASES = {
         ["train.lr: must be > 0, got -1e-05"],
     ),
     "not built verb": (
-        lambda d: ["distill", "--config", "x.yaml"],
-        ["`potstill distill` is not built yet"],
+        lambda d: ["rlt", "warmup", "--config", "x.yaml"],
+        ["`potstill rlt warmup` is not built yet"],
     ),
 }
 
