@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -74,16 +75,19 @@ def _shard_paths(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _check_finite(log_probs: np.ndarray, record_id: str, where: Path | str) -> None:
+def _check_finite(log_probs: np.ndarray, record_id: str, where: Path | str, fix: str) -> None:
     # -inf is a probability of 0, which the losses accept; NaN and +inf are not.
     bad = np.isnan(log_probs) | (log_probs == np.inf)
     if bad.any():
         token = int(np.argwhere(bad)[0][0])
         raise DataError(
             f"{where}: record '{record_id}' holds NaN/+inf teacher log-probs (target token "
-            f"{token}); the teacher overflowed: delete the shard and rerun `potstill teacher "
-            "cache` with teacher.dtype=float32"
+            f"{token}); {fix}"
         )
+
+
+_FIX_WRITE = "the teacher overflowed: run it with teacher.dtype=float32"
+_FIX_READ = "delete this shard and rerun `potstill teacher cache` to recompute its records"
 
 
 class CacheWriter:
@@ -113,6 +117,19 @@ class CacheWriter:
                 f"{self.path}: another process is writing this cache; wait for it or use "
                 "another run.output_dir"
             ) from None
+        try:
+            self._open(meta)
+        except BaseException:
+            self._unlock()
+            raise
+        self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
+        self._buffer: list[tuple[str, int, bytes]] = []
+        self._oldest = time.monotonic()
+        self.written = 0
+        self.tokens_written = 0
+
+    def _open(self, meta: dict) -> None:
         codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]))
         full = {"format": FORMAT, "version": VERSION, **meta, "encoding": codec.describe()}
         self.meta = json.loads(json.dumps(full))  # as it reads back (tuples become lists)
@@ -125,12 +142,11 @@ class CacheWriter:
         self.done_ids: set[str] = set()
         for shard in paths:
             self.done_ids.update(entry[0] for entry in read_shard_header(shard).index)
-        self.shard_size = shard_size
-        self.flush_seconds = flush_seconds
-        self._buffer: list[tuple[str, int, bytes]] = []
-        self._oldest = time.monotonic()
-        self.written = 0
-        self.tokens_written = 0
+
+    def _unlock(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
 
     def _check_or_write_meta(self) -> None:
         meta_path = self.path / META
@@ -154,11 +170,11 @@ class CacheWriter:
         ids, log_probs = _numpy(ids), _numpy(log_probs)
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"record '{record_id}': ids must be (T >= 1, k), got {ids.shape}")
-        _check_finite(log_probs, record_id, "teacher output")
+        _check_finite(log_probs, record_id, "teacher output", _FIX_WRITE)
         if log_tail is None:
             log_tail = _implied_log_tail(log_probs)
         log_tail = _numpy(log_tail)
-        _check_finite(log_tail, record_id, "teacher output")
+        _check_finite(log_tail, record_id, "teacher output", _FIX_WRITE)
         data = self.codec.encode(ids, log_probs, log_tail)
         self.done_ids.add(record_id)
         if not self._buffer:
@@ -183,9 +199,7 @@ class CacheWriter:
         try:
             self.flush()
         finally:
-            if not self._lock.closed:
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-                self._lock.close()
+            self._unlock()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -218,22 +232,21 @@ class TeacherCache:
         self.meta = meta
         self.codec = Codec.from_meta(meta)
         self._shards = shards
-        self._where: dict[str, tuple[int, int, int, int]] = {}
+        self._where: dict[str, tuple[int, int, int, int, int]] = {}
         for s, info in enumerate(shards):
-            for record_id, offset, length, tokens in info.index:
+            for record_id, offset, length, tokens, crc in info.index:
                 if record_id in self._where:
                     other = shards[self._where[record_id][0]].path.name
                     raise DataError(
                         f"{info.path}: record '{record_id}' is also in {other}; the cache was "
                         "written by two jobs at once: delete one of the two shards"
                     )
-                if length != self.codec.nbytes(tokens):
+                if not self.codec.fits(tokens, length):
                     raise DataError(
-                        f"{info.path}: record '{record_id}' has {length} bytes, its {tokens} "
-                        f"tokens need {self.codec.nbytes(tokens)}; delete the shard and rerun "
-                        "`potstill teacher cache` to recompute it"
+                        f"{info.path}: record '{record_id}' has {length} bytes, too many or too "
+                        f"few for {tokens} tokens; {_FIX_READ}"
                     )
-                self._where[record_id] = (s, offset, length, tokens)
+                self._where[record_id] = (s, offset, length, tokens, crc)
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
 
     def __len__(self) -> int:
@@ -267,22 +280,35 @@ class TeacherCache:
         info = self._shards[s]
         mm = np.memmap(info.path, dtype=np.uint8, mode="r", offset=info.data_start)
         self._maps[s] = mm
-        if len(self._maps) > self.max_open_shards:  # bound open file descriptors
+        while len(self._maps) > self.max_open_shards:  # bound open file descriptors
             self._maps.popitem(last=False)
         return mm
 
     def decode(self, record_id: str) -> tuple[np.ndarray, np.ndarray]:
         """ids int64 (T, k), log-probs float32 (T, k) as numpy arrays, checked."""
         try:
-            s, offset, length, tokens = self._where[record_id]
+            s, offset, length, tokens, crc = self._where[record_id]
         except KeyError:
             raise KeyError(
                 f"record '{record_id}' is not in the teacher cache {self.path} "
                 f"({len(self)} records); rerun `potstill teacher cache` on this data"
             ) from None
         buf = np.array(self._map(s)[offset : offset + length])  # copy: aligned, map-independent
-        ids, log_probs = self.codec.decode(buf, tokens)
-        _check_finite(log_probs, record_id, self._shards[s].path)
+        where = self._shards[s].path
+        if zlib.crc32(buf) != crc:
+            raise DataError(f"{where}: record '{record_id}' is corrupt (crc32); {_FIX_READ}")
+        try:
+            ids, log_probs = self.codec.decode(buf, tokens)
+        except ValueError as exc:
+            raise DataError(
+                f"{where}: record '{record_id}' is corrupt ({exc}); {_FIX_READ}"
+            ) from None
+        if ids.size and (ids.min() < 0 or ids.max() >= self.codec.vocab_size):
+            raise DataError(
+                f"{where}: record '{record_id}' holds ids outside [0, {self.codec.vocab_size}); "
+                f"{_FIX_READ}"
+            )
+        _check_finite(log_probs, record_id, where, _FIX_READ)
         return ids, log_probs
 
     def get(self, record_id: str) -> TeacherTopK:

@@ -1,17 +1,22 @@
 """The bytes of an offline teacher cache: how one record's top-k rows are encoded, and shard files.
 
-A record with T target tokens is one contiguous byte string (T, k fixed, so its length follows):
+A record with T target tokens is one contiguous byte string:
 
     [log_tail: T float16]     only with q8 log-probs: log(1 − Σ p_topk), the teacher's tail mass
     [log-probs: T·k values]   f32 / f16 as they are, or q8: uint8 codes of (lp_top1 − lp) / step
-    [ids: T·k ids]            u32 little-endian, or packed: ceil(log2 V) bits each, LSB first
+    [ids: T·k ids]            u32 little-endian; packed: ceil(log2 V) bits each, LSB first; or
+                              delta: each row sorted by id, gaps as LEB128 varints (the first id
+                              absolute), log-probs stored in that same order
 
-Rows keep the teacher's order (log-probs descending). q8 decodes to r = −code·step, renormalised
-so that the k probabilities sum to exactly 1 − tail: the tail bucket the sparse loss needs is the
-teacher's own, not a rounding leftover. Codes saturate at 255 (255·step nats below the top-1).
+The first two parts have a fixed size for a given T; delta ids vary (1 to 3 bytes an id for
+V < 2^21). Decoded rows are in the teacher's order (log-probs descending; delta rows are sorted
+back, ties by id). q8 decodes to r = −code·step, renormalised so that the k probabilities sum to
+exactly 1 − tail: the tail bucket the sparse loss needs is the teacher's own, not a rounding
+leftover. Codes saturate at 255 (255·step nats below the top-1).
 
 A shard is a safetensors file holding one uint8 tensor `data` (the records, back to back), and in
-its metadata the index (record id → offset, length, tokens) and the sha256 of `data`. It is written
+its metadata the index (record id → offset, length, tokens, crc32 of its bytes) and the sha256 of
+`data`. It is written
 to a temporary name, fsynced and renamed, so a shard is whole or absent; readers memory-map it.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +34,13 @@ from potstill.errors import DataError
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 1
-ID_CODECS = ("packed", "u32")
+ID_CODECS = ("delta", "packed", "u32")
 LOG_PROB_CODECS = ("q8", "f16", "f32")
 ENCODINGS = tuple(f"{i}-{lp}" for i in ID_CODECS for lp in LOG_PROB_CODECS)
 Q8_STEP = 1 / 16
 """Nats per q8 code: a probability is off by at most step/2 = 3.1% of itself; 255 codes span 15.9
-nats (p/p_top1 down to 1.2e-7). Chosen by measurement (benchmarks/kd_cache.py, docs)."""
+nats (p/p_top1 down to 1.2e-7). On the real pair q8 gave f32's KL and gradient cosine to 4
+digits (benchmarks/kd_cache.py, docs/teacher_cache.md)."""
 _LP_BYTES = {"q8": 1, "f16": 2, "f32": 4}
 _LP_DTYPES = {"f16": "<f2", "f32": "<f4"}
 
@@ -70,7 +77,7 @@ class Codec:
         return {
             "name": self.encoding,
             "ids": self.ids,
-            "id_bits": self.id_bits,
+            "id_bits": self.id_bits if self.ids != "delta" else None,
             "log_probs": self.log_probs,
             "q8_step": self.q8_step if self.log_probs == "q8" else None,
             "tail": "stored (float16 log)" if self.log_probs == "q8" else "implied",
@@ -81,14 +88,23 @@ class Codec:
         enc = meta["encoding"]
         return cls(enc["name"], int(meta["vocab_size"]), int(meta["k"]), enc["q8_step"] or Q8_STEP)
 
-    def _parts(self, tokens: int) -> tuple[int, int, int]:
-        n = tokens * self.k
+    def _fixed(self, tokens: int) -> tuple[int, int]:
+        """Bytes of the tail and log-prob parts, which depend on T alone."""
         tail = 2 * tokens if self.log_probs == "q8" else 0
-        ids = (n * self.id_bits + 7) // 8 if self.ids == "packed" else 4 * n
-        return tail, n * _LP_BYTES[self.log_probs], ids
+        return tail, tokens * self.k * _LP_BYTES[self.log_probs]
 
-    def nbytes(self, tokens: int) -> int:
-        return sum(self._parts(tokens))
+    def id_bytes_range(self, tokens: int) -> tuple[int, int]:
+        """Smallest and largest size of a record's ids part."""
+        n = tokens * self.k
+        if self.ids == "delta":
+            return n, n * _varint_width(self.vocab_size - 1)
+        size = (n * self.id_bits + 7) // 8 if self.ids == "packed" else 4 * n
+        return size, size
+
+    def fits(self, tokens: int, length: int) -> bool:
+        """Whether a record of `tokens` tokens can be `length` bytes long."""
+        low, high = self.id_bytes_range(tokens)
+        return low <= length - sum(self._fixed(tokens)) <= high
 
     def encode(self, ids: np.ndarray, log_probs: np.ndarray, log_tail: np.ndarray) -> bytes:
         """(T, k) ids, (T, k) log-probs (descending per row), (T,) log tail mass -> bytes."""
@@ -107,23 +123,22 @@ class Codec:
             # top k; NaN passes through so the reader can name the record.
             tail = np.minimum(np.asarray(log_tail, dtype=np.float32).reshape(tokens), -1.2e-7)
             parts.append(tail.astype("<f2").tobytes())
-            rel = (log_probs[:, :1] - log_probs) / self.q8_step
-            parts.append(
-                np.clip(np.rint(np.nan_to_num(rel, posinf=255.0)), 0, 255).astype(np.uint8)
-            )
+            rel = (log_probs.max(axis=1, keepdims=True) - log_probs) / self.q8_step
+            codes = np.clip(np.rint(np.nan_to_num(rel, posinf=255.0)), 0, 255).astype(np.uint8)
         else:
-            parts.append(log_probs.astype(_LP_DTYPES[self.log_probs]).tobytes())
-        flat = ids.reshape(-1).astype("<u4")
-        if self.ids == "packed":
-            bits = np.unpackbits(flat.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-            parts.append(np.packbits(bits[:, : self.id_bits].reshape(-1), bitorder="little"))
-        else:
-            parts.append(flat)
-        return b"".join(p if isinstance(p, bytes) else p.tobytes() for p in parts)
+            codes = log_probs.astype(_LP_DTYPES[self.log_probs])
+        if self.ids == "delta":  # rows in id order, log-probs alongside
+            order = np.argsort(ids, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
+            codes = np.take_along_axis(codes, order, axis=1)
+        parts.append(codes.tobytes())
+        parts.append(_encode_ids(ids, self.ids, self.id_bits))
+        return b"".join(parts)
 
     def decode(self, buf: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        """bytes (uint8 array of `nbytes(tokens)`) -> ids int64 (T, k), log-probs float32 (T, k)."""
-        n_tail, n_lp, n_ids = self._parts(tokens)
+        """bytes (uint8 array, one record) -> ids int64 (T, k), log-probs float32 (T, k).
+        Raises ValueError when the ids part does not hold T·k ids."""
+        n_tail, n_lp = self._fixed(tokens)
         shape = (tokens, self.k)
         lp_buf = buf[n_tail : n_tail + n_lp]
         if self.log_probs == "q8":
@@ -135,16 +150,60 @@ class Codec:
             log_probs = r + (top - lse)[:, None]
         else:
             log_probs = lp_buf.view(_LP_DTYPES[self.log_probs]).astype(np.float32).reshape(shape)
-        id_buf = buf[n_tail + n_lp : n_tail + n_lp + n_ids]
-        if self.ids == "packed":
-            n = tokens * self.k
-            bits = np.unpackbits(id_buf, count=n * self.id_bits, bitorder="little")
-            wide = np.zeros((n, 32), dtype=np.uint8)
-            wide[:, : self.id_bits] = bits.reshape(n, self.id_bits)
-            ids = np.packbits(wide, axis=1, bitorder="little").view("<u4")
-        else:
-            ids = id_buf.view("<u4")
-        return ids.reshape(shape).astype(np.int64), log_probs
+        ids = _decode_ids(buf[n_tail + n_lp :], self.ids, self.id_bits, tokens * self.k)
+        ids = ids.reshape(shape)
+        if self.ids == "delta":
+            ids = np.cumsum(ids, axis=1)
+            order = np.argsort(-log_probs, axis=1, kind="stable")  # back to descending
+            ids = np.take_along_axis(ids, order, axis=1)
+            log_probs = np.take_along_axis(log_probs, order, axis=1)
+        return ids, log_probs
+
+
+def _varint_width(value: int) -> int:
+    return max(1, (int(value).bit_length() + 6) // 7)
+
+
+def _encode_ids(ids: np.ndarray, codec: str, bits: int) -> bytes:
+    """(T, k) int64 ids -> bytes. delta expects each row sorted ascending."""
+    if codec == "u32":
+        return ids.reshape(-1).astype("<u4").tobytes()
+    if codec == "packed":
+        flat = ids.reshape(-1).astype("<u4")
+        planes = np.unpackbits(flat.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
+    gaps = np.diff(ids, axis=1, prepend=0).reshape(-1)  # first id absolute, then gaps >= 1
+    width = np.ones_like(gaps)
+    for shift in (7, 14, 21, 28):
+        width += gaps >= (1 << shift)
+    starts = np.cumsum(width) - width
+    out = np.empty(int(width.sum()), dtype=np.uint8)
+    for j in range(int(width.max(initial=1))):
+        has = width > j
+        more = (width[has] - 1 > j).astype(np.int64) << 7  # LEB128: high bit = more bytes follow
+        out[starts[has] + j] = ((gaps[has] >> (7 * j)) & 0x7F) | more
+    return out.tobytes()
+
+
+def _decode_ids(buf: np.ndarray, codec: str, bits: int, n: int) -> np.ndarray:
+    """bytes -> n int64 ids (delta: the gaps, to be summed per row)."""
+    if codec == "u32":
+        if buf.size != 4 * n:
+            raise ValueError(f"{buf.size} id bytes for {n} ids")
+        return buf.view("<u4").astype(np.int64)
+    if codec == "packed":
+        if buf.size != (n * bits + 7) // 8:
+            raise ValueError(f"{buf.size} id bytes for {n} ids of {bits} bits")
+        planes = np.zeros((n, 32), dtype=np.uint8)
+        planes[:, :bits] = np.unpackbits(buf, count=n * bits, bitorder="little").reshape(n, bits)
+        return np.packbits(planes, axis=1, bitorder="little").view("<u4")[:, 0].astype(np.int64)
+    last = (buf & 0x80) == 0  # the last byte of each varint
+    if int(last.sum()) != n or (buf.size and not last[-1]):
+        raise ValueError(f"the id varints hold {int(last.sum())} ids, not {n}")
+    group = np.concatenate([[0], np.cumsum(last[:-1])])  # which varint each byte belongs to
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    shift = 7 * (np.arange(buf.size) - starts[group])
+    return np.add.reduceat((buf & 0x7F).astype(np.int64) << shift, starts)
 
 
 def shard_bytes(records: list[tuple[str, int, bytes]], extra: dict) -> bytes:
@@ -153,7 +212,7 @@ def shard_bytes(records: list[tuple[str, int, bytes]], extra: dict) -> bytes:
 
     index, offset = [], 0
     for record_id, tokens, data in records:
-        index.append([record_id, offset, len(data), tokens])
+        index.append([record_id, offset, len(data), tokens, zlib.crc32(data)])
         offset += len(data)
     data = np.frombuffer(b"".join(d for _, _, d in records), dtype=np.uint8)
     metadata = {
@@ -173,7 +232,7 @@ class ShardInfo:
     data_bytes: int
     sha256: str
     index: list
-    """[record id, offset, length, tokens] per record."""
+    """[record id, offset, length, tokens, crc32] per record."""
 
 
 def read_shard_header(path: Path) -> ShardInfo:
@@ -199,7 +258,9 @@ def read_shard_header(path: Path) -> ShardInfo:
         what = "truncated" if size < expected else "oversized"
         raise DataError(f"{path}: {what} shard ({size} bytes, header says {expected}); {fix}")
     for entry in index:
-        rid, offset, length, tokens = entry
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise DataError(f"{path}: corrupt index entry {str(entry)[:60]}; {fix}")
+        rid, offset, length, tokens, _ = entry
         if offset < 0 or offset + length > end - start or tokens < 1:
             raise DataError(f"{path}: corrupt index entry for record '{rid}'; {fix}")
     return ShardInfo(path, 8 + n + start, end - start, sha, index)

@@ -59,11 +59,14 @@ class TeacherCacheConfig:
     """Teacher tokens kept per target token (the rest is one tail bucket)."""
     temperature: float = 1.0
     """Softmax temperature of the cached log-probs; distil at the same temperature."""
-    encoding: Literal["packed-q8", "packed-f16", "packed-f32", "u32-q8", "u32-f16", "u32-f32"] = (
-        "packed-q8"
-    )
-    """ids: packed (ceil(log2 V) bits) or u32; log-probs: q8 (uint8 relative to the top-1, tail
-    stored), f16, f32. See docs/teacher_cache.md for the measured size/accuracy of each."""
+    encoding: Literal[
+        "delta-q8", "delta-f16", "delta-f32",
+        "packed-q8", "packed-f16", "packed-f32",
+        "u32-q8", "u32-f16", "u32-f32",
+    ] = "delta-q8"  # fmt: skip
+    """ids: delta (sorted, varint gaps), packed (ceil(log2 V) bits) or u32; log-probs: q8 (uint8
+    relative to the top-1, tail stored), f16 or f32. docs/teacher_cache.md has the measured size
+    and accuracy of each."""
     max_seq_len: int = 2048
     """Truncate prompt + target to this many tokens (as the trainer's train.max_seq_len)."""
     batch_size: int = 4
