@@ -28,14 +28,17 @@ def price_per_1k_answers(seconds_per_answer: float, usd_per_hour: float) -> floa
     return seconds_per_answer * 1000 / 3600 * usd_per_hour
 
 
-def weight_bytes(path: str | Path) -> int:
+def weight_bytes(path: str | Path) -> int | None:
     """Bytes of the weight files that make the model: a directory's weights, a single file, and
-    for a LoRA adapter directory its base model's weights too."""
+    for a LoRA adapter directory its base model's weights too. None for a hub id (not on disk
+    here as a directory of its own)."""
     from potstill.models import resolve_model_path
 
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
+    if not path.is_dir():
+        return None
     total = sum(
         p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
     )
@@ -43,7 +46,7 @@ def weight_bytes(path: str | Path) -> int:
     if adapter.is_file():
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         if base:
-            total += weight_bytes(resolve_model_path(base))
+            total += weight_bytes(resolve_model_path(base)) or 0
     return total
 
 
