@@ -15,8 +15,8 @@ trainer builds them.
    meta.json included) / target tokens.
 3. The student, LoRA r=16 on every linear layer of all 24 blocks at its initialisation (B = 0, so
    the gradient lives in B: a random projection, by A, of the full weight gradient), runs one
-   forward per record. Forward KL at T = 1 against the dense teacher and against each cache
-   (the losses library's sparse path, tail="bucket"), summed over target tokens:
+   forward per record. Forward KL at T = --temperature (default 1) against the dense teacher and
+   against each cache (the losses library's sparse path, tail="bucket"), summed over target tokens:
    kl_rel_err = |KL_cached − KL_dense| / KL_dense. For the encodings in --grad, the gradient of
    that loss w.r.t. the LoRA weights, accumulated over all records: grad_cosine = cos(∇cached,
    ∇dense). A cache that decodes to the same (id, log-prob) pairs as another, log-probs within
@@ -102,7 +102,7 @@ def teacher_logits(examples, work: Path, batch_size: int = 4) -> list[torch.Tens
     return out
 
 
-def write_variant(path: Path, examples, logits, k: int, encoding: str, fingerprint: str):
+def write_variant(path: Path, examples, logits, k, encoding, fingerprint, temperature):
     """Write, open (verify) and read back one cache; returns (cache rows, stats)."""
     from potstill.teacher.cache import CacheWriter, open_cache
     from potstill.teacher.cache_stage import top_k_rows
@@ -112,12 +112,12 @@ def write_variant(path: Path, examples, logits, k: int, encoding: str, fingerpri
         "tokenizer_fingerprint": fingerprint,
         "vocab_size": logits[0].shape[-1],
         "k": k,
-        "temperature": 1.0,
+        "temperature": temperature,
         "encoding": encoding,
     }
     with CacheWriter(path, meta) as writer:
         for (rid, _), z in zip(examples, logits, strict=True):
-            writer.write(rid, *top_k_rows(z, k, 1.0))
+            writer.write(rid, *top_k_rows(z, k, temperature))
     start = time.perf_counter()
     cache = open_cache(path, teacher=TEACHER, vocab_size=meta["vocab_size"])
     verify_s = time.perf_counter() - start
@@ -149,7 +149,7 @@ def same_rows(rows, other_rows, atol: float = 1e-6) -> bool:
     return True
 
 
-def student_pass(examples, logits, variants: dict, grad_names: set[str]):
+def student_pass(examples, logits, variants: dict, grad_names: set[str], temperature: float):
     """KL sums for the dense teacher and every variant; LoRA gradients for the dense teacher and
     the variants in `grad_names`."""
     from potstill.losses import TeacherLogits, kd_loss
@@ -181,7 +181,7 @@ def student_pass(examples, logits, variants: dict, grad_names: set[str]):
                     labels,
                     teacher,
                     kd_ratio=1.0,
-                    temperature=1.0,
+                    temperature=temperature,
                     tail="bucket",
                     num_target_tokens=total,
                 )
@@ -212,6 +212,7 @@ def main() -> None:
         "packed-f32:32,packed-f32:64",
         help="encoding:k pairs whose student gradient is measured (each costs one backward)",
     )
+    parser.add_argument("--temperature", type=float, default=1.0, help="of cache and loss")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "kd_cache")
     args = parser.parse_args()
 
@@ -241,7 +242,9 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     for encoding, k in grid:
         name = f"{encoding}:{k}"
-        rows, stats[name] = write_variant(root / name, examples, logits, k, encoding, fingerprint)
+        rows, stats[name] = write_variant(
+            root / name, examples, logits, k, encoding, fingerprint, args.temperature
+        )
         twin = next((o for o, o_rows in variants.items() if same_rows(rows, o_rows)), None)
         if twin is None:
             variants[name] = rows
@@ -250,9 +253,10 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     grad_names = {same_as.get(n, n) for n in grad_names} & set(variants)
-    kl, cosine = student_pass(examples, logits, variants, grad_names)
-    print(f"\ndense teacher: forward KL {kl['dense'] / tokens:.4f} nats/token; dense fp32 rows "
-          f"would take {4 * logits[0].shape[-1]:,} bytes/token")  # fmt: skip
+    kl, cosine = student_pass(examples, logits, variants, grad_names, args.temperature)
+    dense_bytes = 4 * logits[0].shape[-1]
+    print(f"\nT={args.temperature}: dense teacher forward KL {kl['dense'] / tokens:.4f} "
+          f"nats/token; dense fp32 rows would take {dense_bytes:,} bytes/token")  # fmt: skip
     header = f"{'k':>4} {'encoding':<11} {'bytes/tok':>9} {'kl_rel_err':>10} {'grad_cos':>9}"
     print(header + f" {'read ms/rec':>11}")
     print("-" * (len(header) + 12))
