@@ -3,6 +3,7 @@ stores is the teacher's top k at each target token, kill/resume writes each reco
 bad input is one clear error."""
 
 import copy
+import io
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from potstill.data import write_records
 from potstill.errors import ConfigError, DataError
@@ -248,9 +250,12 @@ def test_wrong_teacher_vocab_and_tokenizer_are_refused(tmp_path, tiny_model_dir,
         open_cache(path, teacher="big")
     with pytest.raises(DataError, match="vocabulary of 320 ids, the student has 151,936"):
         open_cache(path, vocab_size=151_936)
-    changed = tok.chat_template + " "
-    tok.chat_template = changed
-    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(load_tokenizer(tiny_model_dir))
+    same = load_tokenizer(tiny_model_dir)
+    # a branch no trainer renders (tools) may differ; what the prompts render to may not
+    same.chat_template = "{% if tools %}{{ tools }}{% endif %}" + same.chat_template
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tok)
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(same)
     with pytest.raises(DataError, match="not a teacher cache"):
         open_cache(tmp_path)
 
@@ -306,7 +311,9 @@ def test_stage_caches_the_teachers_top_k_at_each_target_token(
     tiny_model_dir, records_file, tmp_path
 ):
     out = tmp_path / "run"
-    counts = run_teacher_cache(stage_config(tiny_model_dir, records_file, out, encoding="u32-f32"))
+    console = Console(file=io.StringIO(), width=200)
+    cfg = stage_config(tiny_model_dir, records_file, out, encoding="u32-f32")
+    counts = run_teacher_cache(cfg, console)
     tok, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir, device="cpu")
     cache = open_cache(out, tokenizer=tok, teacher=str(tiny_model_dir), vocab_size=V)
     assert counts["skipped_no_target_tokens"] == 1 and "long" not in cache
@@ -314,6 +321,13 @@ def test_stage_caches_the_teachers_top_k_at_each_target_token(
     assert counts["bytes_per_token"] == pytest.approx(counts["bytes"] / counts["tokens"], abs=0.01)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["tokens"] == cache.tokens == counts["tokens"]
+    implied_tail = [1 - cache.get(rid).log_probs.double().exp().sum(-1) for rid in cache.ids()]
+    tail_mean = float(torch.cat(implied_tail).mean())
+    assert 0 < counts["tail_mass_mean"] == pytest.approx(tail_mean, rel=1e-4, abs=1e-6)
+    assert manifest["counts"]["tail_mass_mean"] == counts["tail_mass_mean"]
+    # a random tiny teacher is flat: its top 8 of 320 miss most of its mass, and the user is told
+    assert counts["tail_mass_mean"] > 0.5
+    assert f"miss {counts['tail_mass_mean']:.0%} of the teacher's mass" in console.file.getvalue()
     meta = cache.meta
     assert (meta["k"], meta["max_seq_len"], meta["target_field"]) == (8, 64, "solution")
     for i, q in enumerate(QUESTIONS * 2):
@@ -383,3 +397,12 @@ def test_stage_errors_say_what_to_fix(tiny_model_dir, records_file, tmp_path):
 
 def test_tiny_tokenizers_fingerprint_is_stable():
     assert tokenizer_fingerprint(build_tokenizer()) == tokenizer_fingerprint(build_tokenizer())
+
+
+@pytest.mark.slow
+def test_the_real_pair_shares_a_fingerprint():
+    """Qwen2.5-Coder 0.5B and 1.5B ship chat templates that differ in a tool-call branch only."""
+    student = load_tokenizer("qwen2.5-coder-0.5b-instruct")
+    teacher = load_tokenizer("qwen2.5-coder-1.5b-instruct")
+    assert student.chat_template != teacher.chat_template
+    assert tokenizer_fingerprint(student) == tokenizer_fingerprint(teacher)

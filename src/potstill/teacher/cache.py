@@ -51,8 +51,10 @@ VOLATILE_META = ("created",)
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of what decides a record's token ids: the vocabulary, the added/special tokens and
-    the chat template. (The pad token is left out: `load_tokenizer` sets it when a model has none,
-    and it never appears in a record.)"""
+    the chat template — as it renders the conversations the trainers build (system + user, user
+    alone), not its source text: Qwen2.5-Coder 0.5B and 1.5B ship templates that differ only in
+    the escaping of a tool-call branch, and must match. (The pad token is left out:
+    `load_tokenizer` sets it when a model has none, and it never appears in a record.)"""
     added = sorted(
         (int(i), t.content, bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items()
     )
@@ -60,10 +62,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
         "added": added,
         "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token],
-        "chat_template": tokenizer.chat_template,
+        "chat_template": _rendered_template(tokenizer),
     }
     text = json.dumps(payload, ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_PROBES = (
+    ({"role": "system", "content": "S y s"}, {"role": "user", "content": "U s e r"}),
+    ({"role": "user", "content": "U s e r"},),
+)
+
+
+def _rendered_template(tokenizer) -> list[str] | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None  # render_prompt's plain-text fallback: decided by the tokens above
+    rendered = []
+    for messages in _PROBES:
+        try:
+            rendered.append(
+                tokenizer.apply_chat_template(
+                    list(messages), tokenize=False, add_generation_prompt=True
+                )
+            )
+        except Exception as exc:  # e.g. a template that refuses a system turn
+            rendered.append(f"error: {type(exc).__name__}")
+    return rendered
 
 
 def _shard_paths(directory: Path) -> list[Path]:

@@ -42,6 +42,8 @@ from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprin
 from potstill.train.sft import build_example, collate
 
 Tensor = torch.Tensor
+TAIL_WARNING = 0.05
+"""Warn when the top k miss more than this share of the teacher's mass, on average."""
 
 
 @dataclass
@@ -221,7 +223,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             torch.inference_mode(),
         ):
             task = progress.add_task("cache", total=len(pending), tokens=0)
-            tokens = 0
+            tokens, tail_mass = 0, 0.0
             for start in range(0, len(pending), cfg.batch_size):
                 part = pending[start : start + cfg.batch_size]
                 hidden, rows = target_hidden(model, collate([ex for _, ex in part], pad))
@@ -238,6 +240,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
                     )
                     offset = end
                 tokens += offset
+                tail_mass += float(log_tail.double().exp().sum())
                 progress.update(task, advance=len(part), tokens=tokens)
         cache = open_cache(run.path, verify=False)
         counts = {
@@ -248,9 +251,18 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             "skipped_no_target_tokens": skipped,
             "written_this_attempt": writer.written,
         }
+        if tokens:  # of the tokens this attempt cached (a finished cache's rerun keeps the last)
+            counts["tail_mass_mean"] = round(tail_mass / tokens, 6)
         run.count(**counts)
     console.print(
         f"[green]done[/] {counts['records']} records, {counts['tokens']:,} tokens, "
         f"{counts['bytes_per_token']} bytes/token → {run.path}"
     )
+    if counts.get("tail_mass_mean", 0.0) > TAIL_WARNING:
+        console.print(
+            f"[yellow]warning[/] the top {cfg.k} miss {counts['tail_mass_mean']:.0%} of the "
+            f"teacher's mass on average (temperature {cfg.temperature}); distilling from this "
+            "cache sees that mass as one bucket: lower the temperature (a flat teacher at T=2 "
+            "spreads half its mass past the top 128, docs/teacher_cache.md) or distil online"
+        )
     return counts
