@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,33 @@ nats (p/p_top1 down to 1.2e-7). On the real pair q8 gave f32's KL and gradient c
 digits (benchmarks/kd_cache.py, docs/teacher_cache.md)."""
 _LP_BYTES = {"q8": 1, "f16": 2, "f32": 4}
 _LP_DTYPES = {"f16": "<f2", "f32": "<f4"}
+
+
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+META = "meta.json"
+FIX_READ = "delete this shard and rerun `potstill teacher cache` to recompute its records"
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    """A cache directory's complete shards, in write order."""
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.glob("shard-*.safetensors")
+        if (m := SHARD_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def check_finite(log_probs: np.ndarray, record_id: str, where: Path | str, fix: str) -> None:
+    """DataError naming the record and token when log-probs hold NaN or +inf."""
+    # -inf is a probability of 0, which the losses accept; NaN and +inf are not.
+    bad = np.isnan(log_probs) | (log_probs == np.inf)
+    if bad.any():
+        token = int(np.argwhere(bad)[0][0])
+        raise DataError(
+            f"{where}: record '{record_id}' holds NaN/+inf teacher log-probs (target token "
+            f"{token}); {fix}"
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,163 @@
+"""`CacheWriter`: appends records to a teacher cache as atomic shards; resumable.
+
+See `potstill.teacher.cache` for the layout and the reader, `cache_format` for the bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from potstill.errors import ConfigError, DataError
+from potstill.fsutil import atomic_write_bytes, atomic_write_text
+from potstill.teacher.cache_format import (
+    FORMAT,
+    META,
+    SHARD_RE,
+    VERSION,
+    Codec,
+    check_finite,
+    read_shard_header,
+    shard_bytes,
+    shard_paths,
+)
+
+VOLATILE_META = ("created",)
+"""Metadata keys that may differ between the attempts of one cache."""
+FIX_WRITE = "the teacher overflowed: run it with teacher.dtype=float32"
+
+
+class CacheWriter:
+    """Append records to a cache directory as atomic shards; resumable.
+
+    >>> with CacheWriter(path, meta) as writer:
+    ...     for record_id, (ids, log_probs, log_tail) in rows:
+    ...         if record_id not in writer.done_ids:
+    ...             writer.write(record_id, ids, log_probs, log_tail)
+
+    `meta` needs `vocab_size`, `k` and `encoding` (a name from `cache_format.ENCODINGS`); the rest
+    (teacher, tokenizer fingerprint, temperature, ...) is stored as given. Reopening a directory
+    with different metadata is refused. One writer per directory at a time (a file lock).
+    """
+
+    def __init__(
+        self, path: str | Path, meta: dict, *, shard_size: int = 256, flush_seconds: float = 60.0
+    ):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / ".writer.lock", "a")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ConfigError(
+                f"{self.path}: another process is writing this cache; wait for it or use "
+                "another run.output_dir"
+            ) from None
+        try:
+            self._open(meta)
+        except BaseException:
+            self._unlock()
+            raise
+        self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
+        self._buffer: list[tuple[str, int, bytes]] = []
+        self._oldest = time.monotonic()
+        self.written = 0
+        self.tokens_written = 0
+
+    def _open(self, meta: dict) -> None:
+        codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]))
+        full = {"format": FORMAT, "version": VERSION, **meta, "encoding": codec.describe()}
+        self.meta = json.loads(json.dumps(full))  # as it reads back (tuples become lists)
+        self.codec = codec
+        self._check_or_write_meta()
+        for stale in self.path.glob(".shard-*.tmp-*"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+        paths = shard_paths(self.path)
+        self._next = int(SHARD_RE.match(paths[-1].name).group(1)) + 1 if paths else 0
+        self.done_ids: set[str] = set()
+        for shard in paths:
+            self.done_ids.update(entry[0] for entry in read_shard_header(shard).index)
+
+    def _unlock(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+
+    def _check_or_write_meta(self) -> None:
+        meta_path = self.path / META
+        if not meta_path.is_file():
+            atomic_write_text(meta_path, json.dumps(self.meta, indent=2) + "\n")
+            return
+        before = json.loads(meta_path.read_text())
+        for key in sorted(set(before) | set(self.meta)):
+            if key not in VOLATILE_META and before.get(key) != self.meta.get(key):
+                raise ConfigError(
+                    f"{self.path} holds a teacher cache with another {key} "
+                    f"({before.get(key)!r} before, {self.meta.get(key)!r} now); use a new "
+                    "output directory, or delete the old cache to start over"
+                )
+
+    def write(self, record_id: str, ids, log_probs, log_tail=None) -> None:
+        """One record: ids (T, k), log_probs (T, k) descending per row, log_tail (T,) the log of
+        the teacher's mass outside the top k (needed by q8; implied by the others)."""
+        if record_id in self.done_ids:
+            raise DataError(f"record '{record_id}' is already in the teacher cache {self.path}")
+        ids, log_probs = _numpy(ids), _numpy(log_probs)
+        if ids.ndim != 2 or ids.shape[0] == 0:
+            raise ValueError(f"record '{record_id}': ids must be (T >= 1, k), got {ids.shape}")
+        check_finite(log_probs, record_id, "teacher output", FIX_WRITE)
+        if log_tail is None:
+            log_tail = _implied_log_tail(log_probs)
+        log_tail = _numpy(log_tail)
+        check_finite(log_tail, record_id, "teacher output", FIX_WRITE)
+        data = self.codec.encode(ids, log_probs, log_tail)
+        self.done_ids.add(record_id)
+        if not self._buffer:
+            self._oldest = time.monotonic()
+        self._buffer.append((record_id, ids.shape[0], data))
+        if len(self._buffer) >= self.shard_size or (
+            time.monotonic() - self._oldest >= self.flush_seconds
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        shard = self.path / f"shard-{self._next:05d}.safetensors"
+        atomic_write_bytes(shard, shard_bytes(self._buffer, {"encoding": self.meta["encoding"]}))
+        self._next += 1
+        self.written += len(self._buffer)
+        self.tokens_written += sum(tokens for _, tokens, _ in self._buffer)
+        self._buffer = []
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._unlock()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *_) -> None:
+        # Flush on errors too: every buffered record is complete.
+        self.close()
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _implied_log_tail(log_probs: np.ndarray) -> np.ndarray:
+    lp = log_probs.astype(np.float64)
+    top = lp.max(axis=1, keepdims=True)
+    mass = np.exp(top[:, 0]) * np.exp(lp - top).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.log(np.clip(1.0 - mass, 0.0, 1.0)).astype(np.float32)
