@@ -39,7 +39,7 @@ from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
-from potstill.train.sft import build_example, collate
+from potstill.train.sft import collate, record_examples
 
 Tensor = torch.Tensor
 TAIL_WARNING = 0.05
@@ -135,21 +135,11 @@ def _examples(cfg: TeacherCacheConfig, tokenizer, done: set[str]):
     data = cfg.data
     records = read_records(data.source, limit=data.limit)
     system = load_prompt(data.system_prompt) if data.system_prompt else None
+    todo = [r for r in records if r["id"] not in done]
     pending, skipped = [], 0
-    for record in records:
-        for name in (data.prompt_field, data.target_field):
-            if not isinstance(record.get(name), str):
-                which = "prompt" if name == data.prompt_field else "target"
-                raise DataError(
-                    f"{data.source}: record '{record['id']}' has no text field '{name}'; set "
-                    f"data.{which}_field to a field the records have"
-                )
-        if record["id"] in done:
-            continue
-        messages = ({"role": "user", "content": record[data.prompt_field]},)
-        if system:
-            messages = ({"role": "system", "content": system}, *messages)
-        example = build_example(tokenizer, messages, record[data.target_field], cfg.max_seq_len)
+    for record, _, example in record_examples(
+        todo, data, tokenizer, cfg.max_seq_len, where=data.source
+    ):
         if example is None or not any(t != IGNORE_INDEX for t in example.labels[1:]):
             skipped += 1
         else:

@@ -35,12 +35,11 @@ from potstill.losses import (
     chunked_kd_loss,
 )
 from potstill.losses.reduce import IGNORE_INDEX
-from potstill.prompts import load_prompt
 from potstill.runs import RunDir, check_same_config
 from potstill.train.distill_config import DistillConfig, KDRatioConfig
 from potstill.train.loop import StepHooks
 from potstill.train.offline_teacher import cache_rows, open_teacher_cache
-from potstill.train.sft import Example, build_example, collate, count_tokens
+from potstill.train.sft import Example, collate, count_tokens, record_examples
 
 
 @dataclass
@@ -57,23 +56,9 @@ def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int
     """One item per record with a target token left after truncation (the others are counted)."""
     data = cfg.data
     records = read_records(data.source, limit=data.limit)
-    system = load_prompt(data.system_prompt) if data.system_prompt else None
-    items, skipped = [], 0
-    for record in records:
-        for name in (data.prompt_field, data.target_field):
-            if not isinstance(record.get(name), str):
-                raise DataError(
-                    f"{data.source}: record '{record['id']}' has no text field '{name}'; set "
-                    f"data.{'prompt' if name == data.prompt_field else 'target'}_field"
-                )
-        messages = ({"role": "user", "content": record[data.prompt_field]},)
-        if system:
-            messages = ({"role": "system", "content": system}, *messages)
-        ex = build_example(tokenizer, messages, record[data.target_field], cfg.train.max_seq_len)
-        if ex is None:
-            skipped += 1
-        else:
-            items.append(Item(ex, str(record["id"]), messages))
+    built = record_examples(records, data, tokenizer, cfg.train.max_seq_len, where=data.source)
+    items = [Item(ex, str(rec["id"]), msgs) for rec, msgs, ex in built if ex is not None]
+    skipped = len(records) - len(items)
     if not items:
         raise DataError(
             f"{data.source}: no record has a target token within train.max_seq_len="

@@ -116,27 +116,34 @@ def sft_loss(model, batch: dict[str, torch.Tensor], window_tokens: int):
     return loss, {"ce": loss.item()}
 
 
-def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], dict[str, int]]:
-    data = cfg.data
-    records = read_records(data.source, limit=data.limit)
+def record_examples(records: list[dict], data, tokenizer, max_len: int, *, where: str):
+    """(record, prompt messages, Example or None) per record, built the way every trainer and
+    the teacher cache build them: system prompt + the prompt field through the chat template,
+    then the target field. None when no target token fits in `max_len`. `data` is a section with
+    prompt_field, target_field and system_prompt (SFTDataConfig)."""
     system = load_prompt(data.system_prompt) if data.system_prompt else None
-    examples, skipped = [], 0
     for record in records:
         for field_name in (data.prompt_field, data.target_field):
             if not isinstance(record.get(field_name), str):
+                which = "prompt" if field_name == data.prompt_field else "target"
                 raise DataError(
-                    f"{data.source}: record '{record['id']}' has no text field '{field_name}'; "
-                    f"set data.{'prompt' if field_name == data.prompt_field else 'target'}_field "
-                    "or curate generated samples first"
+                    f"{where}: record '{record['id']}' has no text field '{field_name}'; set "
+                    f"data.{which}_field to a field the records have, or curate generated "
+                    "samples first"
                 )
         messages = ({"role": "user", "content": record[data.prompt_field]},)
         if system:
             messages = ({"role": "system", "content": system}, *messages)
-        ex = build_example(tokenizer, messages, record[data.target_field], cfg.train.max_seq_len)
-        if ex is None:
-            skipped += 1
-        else:
-            examples.append(ex)
+        target = record[data.target_field]
+        yield record, messages, build_example(tokenizer, messages, target, max_len)
+
+
+def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], dict[str, int]]:
+    data = cfg.data
+    records = read_records(data.source, limit=data.limit)
+    built = record_examples(records, data, tokenizer, cfg.train.max_seq_len, where=data.source)
+    examples = [ex for _, _, ex in built if ex is not None]
+    skipped = len(records) - len(examples)
     if not examples:
         raise DataError(
             f"{data.source}: no record has a target token within train.max_seq_len="
