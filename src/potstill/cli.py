@@ -54,6 +54,7 @@ for sub, name in (
 
 console = Console()
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Require a checkpoint to continue from.")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-5")
 ]
@@ -183,9 +184,7 @@ def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def sft(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Require a checkpoint to continue from.")
-    ] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Fine-tune a student on records (loss on the target only); reruns resume automatically."""
     from potstill.config import load_config
@@ -199,9 +198,7 @@ def sft(
 def distill(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Require a checkpoint to continue from.")
-    ] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Logit distillation (teacher online, from an offline cache, or on-policy); reruns resume."""
     from potstill.config import load_config

@@ -148,19 +148,16 @@ def _place_labels(fig, todo) -> None:
         r = math.sqrt(size) / 2 * fig.dpi / 72
         taken.append((ax, Bbox.from_extents(x - r, y - r, x + r, y + r)))
     for ax, text, cost, acc, color, _ in todo:
+
+        def put(dx, dy, ha, va, ax=ax, text=text, cost=cost, acc=acc, color=color):
+            return ax.annotate(
+                text, (cost, acc), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                fontsize=9, color=color, fontweight="bold",
+            )  # fmt: skip
+
         placed = None
-        for dx, dy, ha, va in SPOTS:
-            label = ax.annotate(
-                text,
-                (cost, acc),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                ha=ha,
-                va=va,
-                fontsize=9,
-                color=color,
-                fontweight="bold",
-            )
+        for spot in SPOTS:
+            label = put(*spot)
             box = label.get_window_extent(renderer)
             inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0
             inside = inside and box.y1 <= ax.bbox.y1
@@ -169,18 +166,7 @@ def _place_labels(fig, todo) -> None:
                 break
             label.remove()
         if placed is None:  # nowhere free: the first spot, overlapping
-            dx, dy, ha, va = SPOTS[0]
-            ax.annotate(
-                text,
-                (cost, acc),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                ha=ha,
-                va=va,
-                fontsize=9,
-                color=color,
-                fontweight="bold",
-            )
+            put(*SPOTS[0])
         else:
             taken.append((ax, placed))
 
