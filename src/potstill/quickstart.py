@@ -35,6 +35,7 @@ from potstill.eval.run import (
     EvalModel,
     EvalTask,
     answers_dir,
+    normal_question,
     run_eval,
 )
 from potstill.runs import RunDir
@@ -148,8 +149,8 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dic
 
 def _write_split(path: Path, train: list[dict], held_out: list[dict], console) -> tuple[str, str]:
     """Held-out questions as drawn; training questions minus any whose text is held out."""
-    held = {" ".join(r["question"].lower().split()) for r in held_out}
-    kept = [r for r in train if " ".join(r["question"].lower().split()) not in held]
+    held = {normal_question(r["question"]) for r in held_out}
+    kept = [r for r in train if normal_question(r["question"]) not in held]
     if not kept:
         raise DataError("data.train: every training question is also held out; use another seed")
     if len(kept) < len(train):

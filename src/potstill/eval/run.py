@@ -33,6 +33,7 @@ from potstill.eval.cost import (
     weight_bytes,
 )
 from potstill.fsutil import atomic_write_text
+from potstill.models import resolve_model_path
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.sections import BackendConfig, GenerationConfig, ModelConfig, RunConfig
@@ -177,9 +178,9 @@ def check_no_overlap(tasks: dict[str, list[dict]], exclude: list[str]) -> None:
     for source in exclude:
         seen = read_records(source)
         ids = {r.get("source_id", r["id"]) for r in seen} | {r["id"].split("#")[0] for r in seen}
-        texts = {_normal(r["question"]) for r in seen}
+        texts = {normal_question(r["question"]) for r in seen}
         for name, records in tasks.items():
-            hits = [r for r in records if r["id"] in ids or _normal(r["question"]) in texts]
+            hits = [r for r in records if r["id"] in ids or normal_question(r["question"]) in texts]
             if hits:
                 raise ConfigError(
                     f"exclude: {len(hits)} of {len(records)} questions of task '{name}' are in "
@@ -188,14 +189,13 @@ def check_no_overlap(tasks: dict[str, list[dict]], exclude: list[str]) -> None:
                 )
 
 
-def _normal(text: str) -> str:
+def normal_question(text: str) -> str:
+    """Question text compared case- and whitespace-insensitively (held-out checks)."""
     return " ".join(text.lower().split())
 
 
 def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
-    from potstill.models import resolve_model_path
-
     tasks = load_tasks(cfg)
     system_prompt = (
         load_prompt(cfg.generation.system_prompt) if cfg.generation.system_prompt else None
@@ -251,7 +251,7 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
         backend.close()
         del backend, hf_model
         release_memory()
-    disk = weight_bytes(resolve_path(model.name)) if cfg.backend.kind != "openai" else None
+    disk = weight_bytes(resolve_model_path(model.name)) if cfg.backend.kind != "openai" else None
     cost = {
         "name": model.name,
         "role": model.role,
@@ -283,12 +283,6 @@ def _latency(backend, tasks, gen, system_prompt, samples: int) -> float | None:
             pass
         seconds.append(time.perf_counter() - start)
     return sum(seconds) / len(seconds)
-
-
-def resolve_path(name: str) -> str:
-    from potstill.models import resolve_model_path
-
-    return resolve_model_path(name)
 
 
 def _answer(backend, pairs, gen, run_path, label, task, provenance, speed, console) -> None:
