@@ -142,7 +142,8 @@ class EvalConfig:
                 f"{key}: names must be unique, '{dupes[0] if dupes else ''}' repeats; "
                 "give each a distinct label/name",
             )
-        bad = [k for k in self.ks if not 1 <= k <= self.generation.num_samples]
+        check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {self.ks}")
+        bad = [k for k in self.ks if k > self.generation.num_samples]
         check(
             not bad,
             f"ks: {bad[0] if bad else ''} needs at least that many samples per question; raise "
