@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from potstill.errors import ConfigError, NotBuiltError, PotstillError
+from potstill.errors import ConfigError, PotstillError
 
 try:  # newer typer carries its own copy of click; its commands raise that copy's exceptions
     from typer._click.exceptions import ClickException
@@ -295,21 +295,43 @@ def report(
     console.print(f"[green]wrote[/] {path} and {path.with_suffix('.md').name}")
 
 
-def _not_built(verb: str, issue: str):
-    def command(ctx: typer.Context) -> None:
-        raise NotBuiltError(
-            f"`potstill {verb}` is not built yet ({issue}); see the README's roadmap"
-        )
+@rlt_app.command("warmup")
+def rlt_warmup(config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
+    """Supervised warm-up of the teacher in its format (loss on the explanation only)."""
+    from potstill.config import load_config
+    from potstill.rlt.config import RLTWarmupConfig
+    from potstill.rlt.warmup import run_warmup
 
-    command.__doc__ = f"(not built yet) {issue}."
-    return command
+    run_warmup(load_config(RLTWarmupConfig, config, set_ or []), console, resume=resume)
 
 
-_PASS_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
-for verb in ("warmup", "train", "explain"):
-    rlt_app.command(verb, context_settings=_PASS_ARGS)(
-        _not_built(f"rlt {verb}", "reinforcement-learned teachers")
-    )
+@rlt_app.command("train")
+def rlt_train(config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
+    """GRPO on the teacher with the RLT reward for a student; reruns resume."""
+    from potstill.config import load_config
+    from potstill.rlt.config import RLTTrainConfig
+    from potstill.rlt.train import run_rlt_train
+
+    run_rlt_train(load_config(RLTTrainConfig, config, set_ or []), console, resume=resume)
+
+
+@rlt_app.command("explain")
+def rlt_explain(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    select: Annotated[
+        str | None,
+        typer.Option("--select", help="all: every closed explanation; best: top RLT reward."),
+    ] = None,
+) -> None:
+    """The teacher explains (question, solution) records, N each; --select best keeps the one
+    that teaches the student best. Output: student training data; reruns resume."""
+    from potstill.config import load_config
+    from potstill.rlt.config import RLTExplainConfig
+    from potstill.rlt.explain import run_explain
+
+    overrides = [*(set_ or []), *([f"select={select}"] if select else [])]
+    run_explain(load_config(RLTExplainConfig, config, overrides), console)
 
 
 def _stop_cleanly(signum, frame) -> None:

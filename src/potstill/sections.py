@@ -272,6 +272,7 @@ def _stage_configs() -> dict[str, type]:
     from potstill.curate.pipeline import CurateConfig
     from potstill.eval.run import EvalConfig
     from potstill.quickstart import QuickstartConfig
+    from potstill.rlt.config import RLTExplainConfig, RLTTrainConfig, RLTWarmupConfig
     from potstill.rlt.score import RLTScoreConfig
     from potstill.teacher.cache_stage import TeacherCacheConfig
     from potstill.train.distill_config import DistillConfig
@@ -283,6 +284,9 @@ def _stage_configs() -> dict[str, type]:
         "sft": SFTConfig,
         "distill": DistillConfig,
         "rlt_score": RLTScoreConfig,
+        "rlt_warmup": RLTWarmupConfig,
+        "rlt_train": RLTTrainConfig,
+        "rlt_explain": RLTExplainConfig,
         "teacher_cache": TeacherCacheConfig,
         "eval": EvalConfig,
     }

@@ -43,6 +43,9 @@ class Generation:
     """"stop" (end of sequence or a stop string) or "length" (max_new_tokens reached)."""
     extra: dict = field(default_factory=dict)
     """Backend-specific details worth keeping (e.g. the served model name)."""
+    token_ids: list[int] | None = None
+    """The sampled tokens, stop string included (local backends; RL needs the exact tokens
+    drawn, not a re-tokenisation of the text). None where the backend cannot tell."""
 
 
 class Backend(ABC):

@@ -180,6 +180,7 @@ class HFBackend(Backend):
             prompt_tokens=prompt_tokens,
             completion_tokens=len(tokens),
             finish_reason=finish,
+            token_ids=list(tokens),
         )
 
 

@@ -141,12 +141,13 @@ def _generation(output) -> Generation:
     reason = str(completion.finish_reason)
     if reason not in ("stop", "length"):  # abort/error: no usable sample
         raise RuntimeError(f"vllm ended request {output.request_id} with {reason!r}")
-    tokens = len(completion.token_ids)
+    ids = list(completion.token_ids)
     if reason == "stop" and not isinstance(completion.stop_reason, str):
-        tokens -= 1  # vLLM keeps the EOS/stop token; `hf` does not count it, so neither do we
+        ids = ids[:-1]  # vLLM keeps the EOS/stop token; `hf` does not count it, so neither do we
     return Generation(
         text=completion.text,
         prompt_tokens=len(output.prompt_token_ids),
-        completion_tokens=tokens,
+        completion_tokens=len(ids),
         finish_reason=reason,
+        token_ids=ids,
     )

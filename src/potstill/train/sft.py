@@ -41,11 +41,12 @@ class Example:
 
 
 def build_example(
-    tokenizer, prompt_messages: tuple[dict, ...], target: str, max_len: int
+    tokenizer, prompt_messages: tuple[dict, ...], target: str, max_len: int, *, prefill: str = ""
 ) -> Example | None:
     """Tokenise prompt and target apart (so the boundary is exact), truncate to `max_len`;
-    None when no target token survives the truncation."""
-    prompt = render_prompt(tokenizer, Request(key="", messages=prompt_messages))
+    None when no target token survives the truncation. `prefill` starts the assistant turn as
+    part of the prompt (no loss on it)."""
+    prompt = render_prompt(tokenizer, Request(key="", messages=prompt_messages, prefill=prefill))
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:

@@ -1,0 +1,165 @@
+"""Configs of the RLT stages: `rlt warmup`, `rlt train` (GRPO) and `rlt explain`.
+
+Every stage reads records with a question and its solution (the warm-up also an explanation);
+the tags and system prompts must be the same in every stage of one teacher, which is why they
+sit at the top of each config under the same names as in `rlt score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from potstill.config import check
+from potstill.rlt.prompts import RLTTags
+from potstill.rlt.rewards import RewardConfig
+from potstill.sections import BackendConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+
+KIT_05B = "qwen2.5-coder-0.5b-instruct"
+
+
+@dataclass
+class RLTDataConfig:
+    source: str = "rg:gsm_symbolic?size=256&seed=1"
+    """Records: .jsonl, .parquet, a shard directory, a datasets directory or rg:TASK?…"""
+    limit: int | None = None
+    """Use only the first N records."""
+    question_field: str = "question"
+    """Field holding the question."""
+    solution_field: str = "solution"
+    """Field holding the solution the teacher is shown (gsm_symbolic: its worked answer)."""
+    explanation_field: str = "explanation"
+    """Field holding a reference explanation (warm-up only)."""
+
+    def __post_init__(self):
+        check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """G: explanations sampled per question; advantages are (r − mean) / (std + 1e-4) per group."""
+    beta: float = 0.04
+    """Weight of the per-token KL to the reference model (k3 estimator); 0 = no reference."""
+    ref_sync_every: int | None = None
+    """Copy the policy into the reference every N steps (null: the reference stays the start)."""
+    max_new_tokens: int = 256
+    """Longest explanation sampled."""
+    temperature: float = 0.7
+    """Sampling temperature (the policy's log-probs in the loss are taken at it too)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    reward_batch_size: int = 8
+    """Explanations per reward forward pass."""
+    backend: Literal["hf"] = "hf"
+    """Rollout engine. hf samples from the live policy; see docs/rlt.md for vLLM."""
+
+    def __post_init__(self):
+        check(
+            self.group_size >= 2,
+            f"group_size: must be >= 2, got {self.group_size}; GRPO's advantage compares each "
+            "explanation with the others of its question, so a group needs two or more",
+        )
+        check(self.beta >= 0, f"beta: must be >= 0, got {self.beta}")
+        check(
+            self.ref_sync_every is None or self.ref_sync_every > 0,
+            f"ref_sync_every: must be > 0 or null, got {self.ref_sync_every}",
+        )
+        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(
+            self.reward_batch_size > 0,
+            f"reward_batch_size: must be > 0, got {self.reward_batch_size}",
+        )
+
+
+@dataclass
+class RLTWarmupConfig:
+    """Supervised warm-up of the teacher on explanations in its own format (loss on the
+    explanation and its closing tag only)."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
+    )
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, grad_accum=4))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_warmup"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    """Bundled prompt name or .txt file (null = none)."""
+
+
+@dataclass
+class RLTTrainConfig:
+    """GRPO on the teacher with the RLT reward for a fixed student."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
+    )
+    """The policy: a model spec, or a warm-up's final/ directory."""
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The frozen student whose log-probs make the reward."""
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-5, grad_accum=2, warmup_ratio=0.0, save_every=5)
+    )
+    """micro_batch_size = questions per micro-batch (each sampled group_size times)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_train"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    student_system_prompt: str | None = "rlt_student"
+
+
+@dataclass
+class ExplainSampling:
+    num_explanations: int = 4
+    """N: explanations written per question."""
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 16
+    """Requests per generation batch (hf backend)."""
+    seed: int = 0
+    """Explanation n of record r is drawn with a seed derived from (seed, r, n)."""
+
+    def __post_init__(self):
+        check(
+            self.num_explanations > 0, f"num_explanations: must be > 0, got {self.num_explanations}"
+        )
+        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class RLTExplainConfig:
+    """The teacher writes N explanations per (question, solution); optionally keep the best one
+    by RLT reward for a given student; output records are student training data."""
+
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The (trained) teacher: a model spec or a `rlt train` final/ directory."""
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The student the explanations are scored for (select: best, or score: true)."""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    sampling: ExplainSampling = field(default_factory=ExplainSampling)
+    select: Literal["all", "best"] = "all"
+    """all: keep every explanation; best: per question the one with the highest RLT reward."""
+    score: bool = False
+    """Add the RLT reward to every explanation even when select is all."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_batch_size: int = 8
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_explain"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    student_system_prompt: str | None = "rlt_student"
+
+    def __post_init__(self):
+        check(
+            self.reward_batch_size > 0,
+            f"reward_batch_size: must be > 0, got {self.reward_batch_size}",
+        )

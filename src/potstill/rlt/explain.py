@@ -1,0 +1,153 @@
+"""`potstill rlt explain`: the teacher explains (question, solution) records; optionally the best
+of N explanations per question is kept by RLT reward for a given student.
+
+    potstill rlt explain --config configs/rlt-cpu.yaml [--select best]
+
+1. Generate N explanations per record through any backend (hf, vllm, openai), resumable: the
+   explanations are shards keyed `{record id}#{n}` with seeds from (seed, record id, n), so a
+   killed run, rerun, writes only what is missing.
+2. Score (when `select: best` or `score: true`): the RLT reward of each explanation for the
+   student, with the teacher's own log-probs (see `rlt.rewards`).
+3. Write `explained.jsonl`: every closed explanation (select all) or the highest-rewarded per
+   question (select best; ties go to the lower n). Each record carries `completion`, the
+   student-format text (thought = the explanation, then the solution), so `potstill sft` trains
+   on it with `data.system_prompt` set to the `student_system_prompt.txt` written beside it.
+
+Selection works on any teacher's explanations: it is the reference code's DataTeacherRewardScorer
+as a stage. Explanations the teacher never closed are counted and left out of the output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+
+from potstill.data import ShardWriter, read_shards, write_records
+from potstill.fsutil import atomic_write_text
+from potstill.rlt.config import RLTExplainConfig
+from potstill.rlt.data import load_rlt_records
+from potstill.rlt.prompts import RLTTags, split_explanation, system_prompt, teacher_request
+from potstill.runs import RunDir
+from potstill.teacher.backends import Sampling
+from potstill.teacher.generate import generate_into, generation_progress, sample_seed
+
+
+def student_completion(explanation: str, solution: str, tags: RLTTags) -> str:
+    """The student's assistant turn: the explanation as its thought, then the solution."""
+    return (
+        f"{tags.thought_start}{explanation}{tags.thought_end}\n\n"
+        f"{tags.solution_start}{solution}{tags.solution_end}"
+    )
+
+
+def _requests(records, cfg: RLTExplainConfig):
+    data, system = cfg.data, system_prompt(cfg.teacher_system_prompt, cfg.tags)
+    pairs = []
+    for record in records:
+        rid = str(record["id"])
+        base = {"id": rid, "question": record[data.question_field],
+                "solution": record[data.solution_field]}  # fmt: skip
+        for n in range(cfg.sampling.num_explanations):
+            request = teacher_request(
+                f"{rid}#{n}", base["question"], base["solution"], tags=cfg.tags, system=system,
+                seed=sample_seed(cfg.sampling.seed, rid, n),
+            )  # fmt: skip
+            pairs.append((request, base))
+    return pairs
+
+
+def _as_explanation(tags: RLTTags):
+    def transform(record: dict) -> dict:
+        explanation, closed = split_explanation(record.pop("completion"), tags)
+        return {**record, "explanation": explanation, "explanation_closed": closed}
+
+    return transform
+
+
+def select_best(scored: list[dict]) -> list[dict]:
+    """Per source record, the explanation with the highest reward (ties: the lower sample n);
+    records none of whose explanations has a reward are left out. Input order of first seen."""
+    best: dict[str, dict] = {}
+    for r in scored:
+        if r.get("rlt_reward") is None:
+            continue
+        key, current = r["source_id"], best.get(r["source_id"])
+        rank = (r["rlt_reward"], -r["teacher"]["sample"])
+        if current is None or rank > (current["rlt_reward"], -current["teacher"]["sample"]):
+            best[key] = r
+    return list(best.values())
+
+
+def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
+    from potstill.teacher.factory import make_backend
+
+    console = console or Console(stderr=True)
+    records = load_rlt_records(cfg.data)
+    pairs = _requests(records, cfg)
+    needs_scores = cfg.select == "best" or cfg.score
+    s = cfg.sampling
+    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+    console.print(f"[bold]{len(records)}[/] records × {s.num_explanations} explanations")
+    with RunDir(
+        cfg.run.output_dir, command="rlt explain", config=cfg, inputs=[cfg.data.source]
+    ) as run:
+        backend = make_backend(cfg.teacher, cfg.backend, batch_size=s.batch_size)
+        provenance = {**backend.describe(), "model": cfg.teacher.name,
+                      "temperature": s.temperature, "max_new_tokens": s.max_new_tokens}  # fmt: skip
+        shards = run.path / "explanations"
+        with (
+            ShardWriter(shards, shard_size=s.batch_size, flush_seconds=10) as writer,
+            generation_progress(console) as progress,
+            run.timed("generate"),
+        ):
+            done = sum(1 for req, _ in pairs if req.key in writer.done_ids)
+            bar = progress.add_task("explaining", total=len(pairs), completed=done, speed="")
+            generate_into(
+                backend, pairs, sampling, writer, provenance,
+                on_result=lambda out: progress.update(bar, advance=1),
+                transform=_as_explanation(cfg.tags),
+            )  # fmt: skip
+        explained = sorted(read_shards(shards), key=lambda r: r["id"])
+        if needs_scores:
+            with run.timed("score"):
+                explained = _score(cfg, backend, explained, console)
+        backend.close()
+        counts = Counter(closed=sum(r["explanation_closed"] for r in explained))
+        counts.update(explanations=len(explained), records=len(records))
+        kept = [r for r in explained if r["explanation_closed"]]
+        if cfg.select == "best":
+            kept = select_best(kept)
+        for r in kept:
+            r["completion"] = student_completion(r["explanation"], r["solution"], cfg.tags)
+        out = write_records(run.path / "explained.jsonl", kept)
+        student_prompt = system_prompt(cfg.student_system_prompt, cfg.tags) or ""
+        atomic_write_text(run.path / "student_system_prompt.txt", student_prompt + "\n")
+        counts.update(kept=len(kept))
+        rewards = [r["rlt_reward"] for r in explained if r.get("rlt_reward") is not None]
+        if rewards:
+            counts["mean_reward"] = sum(rewards) / len(rewards)
+        run.count(**counts)
+    console.print(
+        f"[green]done[/] {counts['kept']} explanations → {out} ({counts['closed']} of "
+        f"{counts['explanations']} closed); train a student with: potstill sft --set "
+        f"data.source={out} --set data.system_prompt={run.path / 'student_system_prompt.txt'}"
+    )
+    return dict(counts)
+
+
+def _score(cfg: RLTExplainConfig, backend, explained: list[dict], console) -> list[dict]:
+    """The RLT reward of every explanation; the hf backend's teacher is reused, other
+    backends' teachers are loaded once here (the reward needs their log-probs)."""
+    from potstill.rlt.score import _load, score_records
+
+    teacher = (
+        (backend.model.eval(), backend.tokenizer) if backend.name == "hf" else _load(cfg.teacher)
+    )
+    student = teacher if cfg.student == cfg.teacher else _load(cfg.student)
+    console.print(f"scoring {len(explained)} explanations for {cfg.student.name}")
+    return score_records(
+        explained, teacher, student, cfg.reward, cfg.reward_batch_size, tags=cfg.tags,
+        teacher_system_prompt=cfg.teacher_system_prompt,
+        student_system_prompt=cfg.student_system_prompt, source=str(cfg.run.output_dir),
+    )  # fmt: skip
