@@ -11,6 +11,7 @@ Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 fo
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -53,6 +54,8 @@ for sub, name in (
     app.add_typer(sub, name=name)
 
 console = Console()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""Write errors a user fixes by freeing space: one line, exit 2, like any other input problem."""
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Require a checkpoint to continue from.")]
 SetOpt = Annotated[
@@ -360,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     except ClickException as exc:
         exc.show()
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in DISK_FULL or os.environ.get("POTSTILL_DEBUG"):
+            raise
+        where = exc.filename or "the output"
+        print(
+            f"error: cannot write {where}: {exc.strerror}; free disk space (or raise the "
+            "file-size limit) and rerun: finished work is kept and the run resumes",
+            file=sys.stderr,
+        )
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130

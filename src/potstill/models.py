@@ -86,6 +86,7 @@ def _converted_gguf_for(path: Path, size: int, mtime_ns: int) -> Path:
 
 
 def _from_pretrained(loader, source: str, **kwargs):
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own commands show progress; per-tensor bars are noise
@@ -97,6 +98,11 @@ def _from_pretrained(loader, source: str, **kwargs):
             f"could not load '{source}' ({first}); without network use a local directory, "
             "a .gguf file or an offline kit model (`potstill models list`)"
         ) from None
+    except SafetensorError as exc:
+        raise ModelError(
+            f"'{source}': a weights file is corrupt or truncated ({_one_line(exc)}); "
+            "download or save the model again"
+        ) from None
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelError(
@@ -104,6 +110,10 @@ def _from_pretrained(loader, source: str, **kwargs):
                 "trust_remote_code: true in the model config"
             ) from None
         raise
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):

@@ -129,12 +129,10 @@ def top_k_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tens
     return ids, top, log_tail
 
 
-def _examples(cfg: TeacherCacheConfig, tokenizer, done: set[str]):
+def _examples(cfg: TeacherCacheConfig, records: list[dict], tokenizer, done: set[str]):
     """(record id, Example) for records not cached yet, and the count of records skipped for
     having no target token within max_seq_len."""
     data = cfg.data
-    records = read_records(data.source, limit=data.limit)
-    system = load_prompt(data.system_prompt) if data.system_prompt else None
     todo = [r for r in records if r["id"] not in done]
     pending, skipped = [], 0
     for record, _, example in record_examples(
@@ -144,7 +142,7 @@ def _examples(cfg: TeacherCacheConfig, tokenizer, done: set[str]):
             skipped += 1
         else:
             pending.append((record["id"], example))
-    return records, pending, skipped, system
+    return pending, skipped
 
 
 def cache_meta(cfg: TeacherCacheConfig, tokenizer, vocab_size: int, system: str | None) -> dict:
@@ -174,6 +172,9 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
     console = console or Console(stderr=True)
     tcfg = cfg.teacher
     tokenizer = load_tokenizer(tcfg.name, trust_remote_code=tcfg.trust_remote_code)
+    # Bad records or a bad prompt name fail here, before the run directory is touched.
+    records = read_records(cfg.data.source, limit=cfg.data.limit)
+    system = load_prompt(cfg.data.system_prompt) if cfg.data.system_prompt else None
     with RunDir(
         cfg.run.output_dir, command="teacher cache", config=cfg, inputs=[cfg.data.source]
     ) as run:
@@ -181,7 +182,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             done = set(open_cache(run.path, verify=False).ids())
         else:
             done = set()
-        records, pending, skipped, system = _examples(cfg, tokenizer, done)
+        pending, skipped = _examples(cfg, records, tokenizer, done)
         if not pending and not done:
             raise DataError(
                 f"{cfg.data.source}: no record has a target token within max_seq_len="

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from potstill.errors import DataError
+from potstill.errors import ConfigError, DataError
 from potstill.fsutil import atomic_write_text, fsync_dir
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -83,6 +83,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
         if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()
     ]
     return [p for _, p in sorted(found)]
+
+
+def check_resumable(run_dir: str | Path) -> None:
+    """`--resume` with nothing to resume: refused before any loading, with nothing written."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not list_checkpoints(ckpt_dir):
+        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:

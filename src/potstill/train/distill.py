@@ -36,6 +36,7 @@ from potstill.losses import (
 )
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.runs import RunDir, check_same_config
+from potstill.train.checkpoint import check_resumable
 from potstill.train.distill_config import DistillConfig, KDRatioConfig
 from potstill.train.loop import StepHooks
 from potstill.train.offline_teacher import cache_rows, open_teacher_cache
@@ -241,6 +242,8 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
 
     console = console or Console(stderr=True)
     check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
+    if resume:
+        check_resumable(cfg.run.output_dir)
     tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
     online = cfg.teacher.mode != "offline"
     if online:

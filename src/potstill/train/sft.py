@@ -26,6 +26,7 @@ from potstill.runs import RunDir
 from potstill.sections import SFTConfig
 from potstill.teacher.backends import Request
 from potstill.teacher.hf_backend import render_prompt
+from potstill.train.checkpoint import check_resumable
 
 
 @dataclass
@@ -162,6 +163,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = Fa
     from potstill.models import apply_lora, load_model, load_tokenizer
 
     console = console or Console(stderr=True)
+    if resume:
+        check_resumable(cfg.run.output_dir)
     if cfg.train.packing and cfg.train.micro_batch_size != 1:
         raise ConfigError(
             "train.packing: packed rows already hold many examples; set train.micro_batch_size=1"
