@@ -344,13 +344,17 @@ def _stop_cleanly(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app; input problems become one line on stderr and exit code 2."""
+    from potstill.distributed import check_launch, is_main_process
+
     command = typer.main.get_command(app)
     signal.signal(signal.SIGTERM, _stop_cleanly)
+    console.quiet = not is_main_process()  # under `accelerate launch`, one process reports
     # Libraries' deprecation notices about their own internals are noise to a CLI user.
     for module in ("transformers", "peft", "accelerate", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     try:
+        check_launch()
         result = command.main(args=argv, prog_name="potstill", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except PotstillError as exc:

@@ -143,8 +143,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
+    """A device name; auto is the GPU if there is one (each process's own GPU when several
+    processes are launched)."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from potstill.distributed import auto_device
+
+        return auto_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device '{device}' asked for, but no CUDA GPU is visible; use cpu")
     return device

@@ -93,13 +93,24 @@ def check_same_config(path: str | Path, config) -> None:
 
 
 class RunDir:
-    """A run directory: `config.yaml`, `manifest.json`, `logs/run.log`, and the stage's outputs."""
+    """A run directory: `config.yaml`, `manifest.json`, `logs/run.log`, and the stage's outputs.
+
+    Under a multi-process launch only the main process writes them; the others get the same
+    object with writing switched off (and a logger that drops its lines)."""
 
     def __init__(self, path: str | Path, *, command: str, config, inputs: list[str] = ()):
+        from potstill.distributed import is_main_process
+
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
         check_same_config(self.path, config)
+        self.writer = is_main_process()
+        if not self.writer:
+            self.manifest = {"command": command, "attempts": [{}], "counts": {}, "timings": {}}
+            self.logger = logging.getLogger("potstill.run.follower")
+            self.logger.disabled = True
+            return
         config_path = self.path / "config.yaml"
         if not config_path.is_file():
             atomic_write_text(config_path, dump_yaml(config))
@@ -118,6 +129,8 @@ class RunDir:
         self.logger.info("run started: %s", command)
 
     def save(self) -> None:
+        if not self.writer:
+            return
         atomic_write_text(self.manifest_path, json.dumps(self.manifest, indent=2) + "\n")
 
     def count(self, **counts: int | float) -> None:

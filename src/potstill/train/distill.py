@@ -143,20 +143,28 @@ class DistillHooks(StepHooks):
         )
 
 
-def online_teacher(teacher):
-    """batch, mask -> TeacherHidden: the teacher's final hidden states at target positions."""
+def online_teacher(teacher, device=None):
+    """batch, mask -> TeacherHidden: the teacher's final hidden states at target positions, on
+    the student's `device` (default: the teacher's). A teacher on a device of its own
+    (teacher.model.device) gets the batch moved there and sends back its hidden states; its
+    lm_head is copied to the student's device once, so the fused loss projects both there."""
     backbone, head = teacher.base_model, teacher.get_output_embeddings()
+    here = head.weight.device
+    device = device or here
+    with torch.no_grad():
+        weight = head.weight.to(device)
+        bias = None if head.bias is None else head.bias.to(device)
 
     def hidden_states(batch, mask):
         with torch.inference_mode():
             out = backbone(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
+                input_ids=batch["input_ids"].to(here),
+                attention_mask=batch["attention_mask"].to(here),
+                position_ids=batch["position_ids"].to(here),
                 use_cache=False,
             )
-            hidden = out.last_hidden_state[:, :-1][mask]  # (N, H_t)
-        return TeacherHidden(hidden, head.weight, head.bias)
+            hidden = out.last_hidden_state[:, :-1][mask.to(here)].to(device)  # (N, H_t)
+        return TeacherHidden(hidden, weight, bias)
 
     return hidden_states
 
@@ -219,11 +227,14 @@ def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
 
 
 def load_teacher(cfg: DistillConfig, student_vocab: int, device):
+    """The online teacher, one copy per process: beside the student (`device`) unless
+    teacher.model.device names a device of its own."""
     from potstill.models import load_model
 
     spec = cfg.teacher.model
+    place = str(device) if spec.device == "auto" else spec.device
     teacher = load_model(
-        spec.name, dtype=spec.dtype, device=str(device), trust_remote_code=spec.trust_remote_code
+        spec.name, dtype=spec.dtype, device=place, trust_remote_code=spec.trust_remote_code
     )
     teacher.eval().requires_grad_(False)  # never trained: no gradients, no optimizer state
     rows = teacher.get_output_embeddings().weight.shape[0]
@@ -267,14 +278,15 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
     if not online:
         rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
         cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
-    teacher = load_teacher(cfg, vocab, student.device) if online else None
+    device = student.device
+    teacher = load_teacher(cfg, vocab, device) if online else None
     if cfg.student.lora:
         torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
         student = apply_lora(student, cfg.student.lora)
         if cfg.train.gradient_checkpointing:
             student.enable_input_require_grads()
     hooks = DistillHooks(cfg, tokenizer)
-    teacher_of = online_teacher(teacher) if online else offline_teacher
+    teacher_of = online_teacher(teacher, device) if online else offline_teacher
     pad_id = tokenizer.pad_token_id or 0
     inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])
     with RunDir(cfg.run.output_dir, command="distill", config=cfg, inputs=inputs) as run:

@@ -88,17 +88,30 @@ def make_accelerator(cfg: TrainConfig, run: RunDir, log_with: list[str]):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from potstill.distributed import check_launch, use_cpu, world_size
+
+    check_launch()
+    cpu = use_cpu()
     precision = cfg.precision
     if precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16 else "fp32"
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision="no" if precision == "fp32" else precision,
         log_with=log_with or None,
         project_config=ProjectConfiguration(
             project_dir=str(run.path), logging_dir=str(run.path / "logs")
         ),
     )
+    if accelerator.num_processes != world_size():
+        from potstill.errors import ConfigError
+
+        raise ConfigError(
+            f"the launcher started {world_size()} processes but accelerate joined "
+            f"{accelerator.num_processes}; set ACCELERATE_USE_CPU=1 to train on CPU processes"
+        )
+    return accelerator
 
 
 def train(
@@ -125,6 +138,7 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = DataPlan(len(examples), cfg.micro_batch_size, cfg.seed)
     steps = total_steps(cfg, plan, world)
+    run.count(processes=world, global_batch=cfg.micro_batch_size * cfg.grad_accum * world)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,7 +156,8 @@ def train(
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
         hooks.load_state_dict(state.extra)
-        console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
+        if accelerator.is_main_process:
+            console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
     elif require_checkpoint:
         from potstill.errors import ConfigError
 

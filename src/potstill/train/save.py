@@ -15,8 +15,19 @@ def save_final(model, tokenizer, path: Path, *, merge: bool, base_spec: str | No
     """A model directory `load_model` opens: full weights, or a LoRA adapter (merged on request).
 
     An adapter directory names its base by the spec it was trained from (a kit name, a directory,
-    a hub id), so it stays loadable on another machine with the same kit."""
-    model = getattr(model, "module", model)
+    a hub id), so it stays loadable on another machine with the same kit. Under a multi-process
+    launch the main process writes it and the others wait until it is there."""
+    from potstill.distributed import barrier, is_main_process
+
+    if not is_main_process():
+        barrier()
+        return path
+    _save(getattr(model, "module", model), tokenizer, path, merge=merge, base_spec=base_spec)
+    barrier()
+    return path
+
+
+def _save(model, tokenizer, path: Path, *, merge: bool, base_spec: str | None) -> None:
     is_peft = hasattr(model, "peft_config")
     if is_peft and merge:
         model = model.merge_and_unload()
@@ -34,7 +45,6 @@ def save_final(model, tokenizer, path: Path, *, merge: bool, base_spec: str | No
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, path)
-    return path
 
 
 @contextlib.contextmanager
