@@ -173,11 +173,14 @@ def load_model(
             adapter, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )
     else:
+        source = resolve_model_path(spec)
+        _check_safetensors(source)
         model = _from_pretrained(
             AutoModelForCausalLM,
-            resolve_model_path(spec),
+            source,
             dtype=resolve_dtype(dtype, device),
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # pickle weights (.bin) can run code when loaded
         )
         model.to(device)
     if lora is not None:
@@ -193,6 +196,15 @@ def load_configured(cfg: ModelConfig):
         cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
     )
     return model, tokenizer
+
+
+def _check_safetensors(source: str) -> None:
+    path = Path(source)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ModelError(
+            f"{path} holds only pickle weights (*.bin), which can run code when loaded; potstill "
+            "loads safetensors only: re-save the model with save_pretrained where you trust it"
+        )
 
 
 def _adapter_dir(spec) -> Path | None:

@@ -5,6 +5,7 @@ Each field's help is the docstring under it; ranges are checked in `__post_init_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -98,14 +99,16 @@ class GenerationConfig:
 
 @dataclass
 class OpenAIEndpointConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """The endpoint's base URL (a `vllm serve`, `potstill serve`, or an API provider)."""
+    base_url: str | list[str] = "http://127.0.0.1:8000/v1"
+    """The endpoint's base URL (a `vllm serve`, `potstill serve`, or an API provider), or a list
+    of URLs serving the same model: each record then goes to the one its id hashes to (a rerun
+    sends it to the same one)."""
     model: str | None = None
     """Model name the server knows; default: model.name."""
     api_key_env: str | None = "OPENAI_API_KEY"
     """Name of the environment variable holding the key (never the key itself); null = no auth."""
     concurrency: int = 8
-    """Requests in flight at once."""
+    """Requests in flight at once, per endpoint."""
     timeout: float = 300.0
     """Seconds per request before it is retried."""
     max_retries: int = 6
@@ -114,14 +117,28 @@ class OpenAIEndpointConfig:
     """Base seconds of the exponential backoff between retries (a Retry-After header wins)."""
 
     def __post_init__(self):
+        urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
+        check(bool(urls), "base_url: empty list; give at least one endpoint URL")
+        bad = next((u for u in urls if not u.startswith(("http://", "https://"))), None)
+        check(bad is None, f"base_url: must start with http:// or https://, got {bad!r}")
         check(
-            self.base_url.startswith(("http://", "https://")),
-            f"base_url: must start with http:// or https://, got {self.base_url!r}",
+            self.api_key_env is None or _looks_like_env_name(self.api_key_env),
+            "api_key_env: must name an environment variable (letters, digits, _) that holds the "
+            "key, never the key itself (not repeated here); export MY_KEY=... and set "
+            "api_key_env: MY_KEY",
         )
         check(self.concurrency > 0, f"concurrency: must be > 0, got {self.concurrency}")
         check(self.timeout > 0, f"timeout: must be > 0, got {self.timeout}")
         check(self.max_retries >= 0, f"max_retries: must be >= 0, got {self.max_retries}")
         check(self.backoff >= 0, f"backoff: must be >= 0, got {self.backoff}")
+
+
+def _looks_like_env_name(name: str) -> bool:
+    """A variable name, and not a pasted key: keys are long mixes of cases and digits."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        return False
+    mixed = any(c.islower() for c in name) and any(c.isupper() for c in name)
+    return not (len(name) >= 20 and mixed and any(c.isdigit() for c in name))
 
 
 @dataclass
