@@ -1,17 +1,18 @@
 """`potstill rlt explain`: the teacher explains (question, solution) records; optionally the best
 of N explanations per question is kept by RLT reward for a given student.
 
-    potstill rlt explain --config configs/rlt-cpu.yaml [--select best]
+    potstill rlt explain --config configs/rlt-explain-cpu.yaml [--select best]
 
 1. Generate N explanations per record through any backend (hf, vllm, openai), resumable: the
    explanations are shards keyed `{record id}#{n}` with seeds from (seed, record id, n), so a
    killed run, rerun, writes only what is missing.
 2. Score (when `select: best` or `score: true`): the RLT reward of each explanation for the
    student, with the teacher's own log-probs (see `rlt.rewards`).
-3. Write `explained.jsonl`: every closed explanation (select all) or the highest-rewarded per
-   question (select best; ties go to the lower n). Each record carries `completion`, the
-   student-format text (thought = the explanation, then the solution), so `potstill sft` trains
-   on it with `data.system_prompt` set to the `student_system_prompt.txt` written beside it.
+3. Write `scored.jsonl` (every explanation with its reward, when scored) and `explained.jsonl`:
+   every closed explanation (select all) or the highest-rewarded per question (select best;
+   ties go to the lower n). Each record carries `completion`, the student-format text (thought
+   = the explanation, then the solution), so `potstill sft` trains on it with
+   `data.system_prompt` set to the `student_system_prompt.txt` written beside it.
 
 Selection works on any teacher's explanations: it is the reference code's DataTeacherRewardScorer
 as a stage. Explanations the teacher never closed are counted and left out of the output.
@@ -112,6 +113,7 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
         if needs_scores:
             with run.timed("score"):
                 explained = _score(cfg, backend, explained, console)
+            write_records(run.path / "scored.jsonl", explained)
         backend.close()
         counts = Counter(closed=sum(r["explanation_closed"] for r in explained))
         counts.update(explanations=len(explained), records=len(records))

@@ -1,6 +1,6 @@
 """`potstill rlt train`: GRPO on the teacher with the RLT reward (see `rlt.grpo`).
 
-    potstill rlt train --config configs/rlt-cpu.yaml [--resume]
+    potstill rlt train --config configs/rlt-train-cpu.yaml [--resume]
 
 The teacher (the policy; LoRA or full) samples `grpo.group_size` explanations per question, the
 frozen student scores them through the RLT reward, and the shared loop takes one step per
