@@ -29,6 +29,7 @@ from potstill.fsutil import atomic_write_text
 from potstill.rlt.config import RLTExplainConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.prompts import RLTTags, split_explanation, system_prompt, teacher_request
+from potstill.rlt.score import mean_and_stderr
 from potstill.runs import RunDir
 from potstill.teacher.backends import Sampling
 from potstill.teacher.generate import generate_into, generation_progress, sample_seed
@@ -128,7 +129,11 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
         counts.update(kept=len(kept))
         rewards = [r["rlt_reward"] for r in explained if r.get("rlt_reward") is not None]
         if rewards:
-            counts["mean_reward"] = sum(rewards) / len(rewards)
+            counts["mean_reward"], counts["reward_stderr"] = mean_and_stderr(rewards)
+            console.print(
+                f"mean RLT reward {counts['mean_reward']:.4f} ± {counts['reward_stderr']:.4f} "
+                f"(s.e., {len(rewards)} explanations) for {cfg.student.name}"
+            )
         run.count(**counts)
     console.print(
         f"[green]done[/] {counts['kept']} explanations → {out} ({counts['closed']} of "
@@ -141,12 +146,13 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
 def _score(cfg: RLTExplainConfig, backend, explained: list[dict], console) -> list[dict]:
     """The RLT reward of every explanation; the hf backend's teacher is reused, other
     backends' teachers are loaded once here (the reward needs their log-probs)."""
-    from potstill.rlt.score import _load, score_records
+    from potstill.rlt.score import load_eval_model, score_records
 
-    teacher = (
-        (backend.model.eval(), backend.tokenizer) if backend.name == "hf" else _load(cfg.teacher)
-    )
-    student = teacher if cfg.student == cfg.teacher else _load(cfg.student)
+    if backend.name == "hf":
+        teacher = (backend.model.eval(), backend.tokenizer)
+    else:
+        teacher = load_eval_model(cfg.teacher)
+    student = teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
     console.print(f"scoring {len(explained)} explanations for {cfg.student.name}")
     return score_records(
         explained, teacher, student, cfg.reward, cfg.reward_batch_size, tags=cfg.tags,

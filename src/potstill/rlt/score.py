@@ -126,7 +126,19 @@ def score_records(
     return [r for r in out if r is not None]
 
 
-def _load(model_cfg: ModelConfig):
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n)); nan where undefined."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def load_eval_model(model_cfg: ModelConfig):
     from potstill.models import load_configured
 
     model, tokenizer = load_configured(model_cfg)
@@ -143,8 +155,8 @@ def run_score(
     records = read_records(in_path)
     check_fields(records, str(in_path))  # before loading two models
     console.print(f"[bold]{len(records)}[/] records from {in_path}")
-    teacher = _load(cfg.teacher)
-    student = teacher if cfg.student == cfg.teacher else _load(cfg.student)
+    teacher = load_eval_model(cfg.teacher)
+    student = teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
     with Progress(
         TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
@@ -163,15 +175,17 @@ def run_score(
         )
     write_records(out_path, scored)
     rewards = [r["rlt_reward"] for r in scored if "rlt_reward" in r]
+    mean, stderr = mean_and_stderr(rewards)
     stats = {
         "records": len(scored),
         "scored": len(rewards),
         "skipped": len(scored) - len(rewards),
         "unclosed": sum(1 for r in scored if r.get("explanation_closed") is False),
-        "mean_reward": sum(rewards) / len(rewards) if rewards else math.nan,
+        "mean_reward": mean,
+        "reward_stderr": stderr,
     }
     console.print(
-        f"scored {stats['scored']} (mean reward {stats['mean_reward']:.4f}), "
+        f"scored {stats['scored']} (mean reward {mean:.4f} ± {stderr:.4f} s.e.), "
         f"{stats['unclosed']} without the closing tag (reward {cfg.reward.missing_tag_reward}), "
         f"{stats['skipped']} skipped as too long → {out_path}"
     )
