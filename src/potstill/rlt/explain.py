@@ -1,7 +1,7 @@
 """`potstill rlt explain`: the teacher explains (question, solution) records; optionally the best
 of N explanations per question is kept by RLT reward for a given student.
 
-    potstill rlt explain --config configs/rlt-explain-cpu.yaml [--select best]
+    potstill rlt explain --config configs/rlt_explain-cpu.yaml [--select best]
 
 1. Generate N explanations per record through any backend (hf, vllm, openai), resumable: the
    explanations are shards keyed `{record id}#{n}` with seeds from (seed, record id, n), so a

@@ -1,6 +1,6 @@
 """`potstill rlt train`: GRPO on the teacher with the RLT reward (see `rlt.grpo`).
 
-    potstill rlt train --config configs/rlt-train-cpu.yaml [--resume]
+    potstill rlt train --config configs/rlt_train-cpu.yaml [--resume]
 
 The teacher (the policy; LoRA or full) samples `grpo.group_size` explanations per question, the
 frozen student scores them through the RLT reward, and the shared loop takes one step per
@@ -63,6 +63,8 @@ def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume
     if cfg.teacher.lora:
         torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
         teacher = apply_lora(teacher, cfg.teacher.lora)
+        if cfg.train.gradient_checkpointing:
+            teacher.enable_input_require_grads()
     g = cfg.grpo.group_size
     console.print(
         f"[bold]{len(questions)}[/] questions × G={g}; "

@@ -1,6 +1,6 @@
 """`potstill rlt warmup`: supervised warm-up of the teacher in its own format.
 
-    potstill rlt warmup --config configs/rlt-warmup-cpu.yaml
+    potstill rlt warmup --config configs/rlt_warmup-cpu.yaml
 
 Each record's question goes in the user turn (with the teacher's system prompt), the assistant
 turn starts with the solution and the opened explanation section (the same prefill `rlt train`
