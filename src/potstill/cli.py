@@ -173,14 +173,34 @@ def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     run_quickstart(load_config(QuickstartConfig, config, set_ or []), console)
 
 
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do shard I of N (0-based; records split by a hash of their id) in "
+        "OUTPUT_DIR/shards/I-of-N; merge with --merge once all N finished.",
+    ),
+]
+MergeOpt = Annotated[
+    bool,
+    typer.Option("--merge", help="Merge the finished shards into OUTPUT_DIR (no model loaded)."),
+]
+
+
 @app.command()
-def generate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def generate(
+    config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None, merge: MergeOpt = False
+) -> None:
     """Teacher generation: N samples per record (hf, vllm or an OpenAI-compatible endpoint)."""
     from potstill.config import load_config
+    from potstill.data.sharding import parse_shard
     from potstill.sections import GenerateConfig
     from potstill.teacher.generate import run_generate
 
-    run_generate(load_config(GenerateConfig, config, set_ or []), console)
+    part = parse_shard(shard) if shard is not None else None
+    cfg = load_config(GenerateConfig, config, set_ or [])
+    run_generate(cfg, console, shard=part, merge=merge)
 
 
 @app.command()
@@ -268,12 +288,16 @@ def rlt_score(
 
 
 @app.command("eval")
-def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def eval_(
+    config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None, merge: MergeOpt = False
+) -> None:
     """Accuracy (pass@k, maj@k) of models on held-out tasks with real verifiers, and their cost."""
     from potstill.config import load_config
+    from potstill.data.sharding import parse_shard
     from potstill.eval.run import EvalConfig, run_eval
 
-    run_eval(load_config(EvalConfig, config, set_ or []), console)
+    part = parse_shard(shard) if shard is not None else None
+    run_eval(load_config(EvalConfig, config, set_ or []), console, shard=part, merge=merge)
 
 
 @app.command()

@@ -2,9 +2,13 @@
 costs to answer.
 
     potstill eval --config configs/eval.yaml
+    potstill eval --config configs/eval.yaml --shard 1/4    # questions split by id over 4 jobs
+    potstill eval --config configs/eval.yaml --merge        # once all 4 finished
 
 Each (model, task) writes its answers as resumable shards under `answers/`; a killed eval, rerun,
 answers only what is missing. `eval.json` holds every model's cost and every (model, task) result.
+A shard (`potstill.data.sharding`) answers its questions in `shards/I-of-N/`; `eval/merge.py`
+joins them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from rich.table import Table
 from potstill.config import check
 from potstill.curate.verifiers import check_gold, find_answer, verify
 from potstill.data import ShardWriter, read_records, read_shards
+from potstill.data.sharding import Shard, shard_run_dir
 from potstill.errors import ConfigError
 from potstill.eval.bench import score_samples
 from potstill.eval.cost import (
@@ -195,9 +200,26 @@ def normal_question(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
+def run_eval(
+    cfg: EvalConfig, console: Console | None = None, *, shard: Shard | None = None, merge=False
+) -> dict:
+    """Answer and score every (model, task); a `shard` answers only its questions, in its own
+    run directory; `merge` joins finished shards instead (see eval/merge.py)."""
+    from potstill.eval.merge import import_shard_answers, merge_eval
+
     console = console or Console(stderr=True)
+    if shard is not None and merge:
+        raise ConfigError("--shard and --merge: merge runs once, after every shard; drop --shard")
     tasks = load_tasks(cfg)
+    if merge:
+        return merge_eval(cfg, tasks, console)
+    out = cfg.run.output_dir
+    if shard is not None:
+        selected = {name: shard.select(records) for name, records in tasks.items()}
+        sizes = ", ".join(f"{name} {len(records)}" for name, records in selected.items())
+        console.print(f"shard {shard}: questions {sizes} (split by id)")
+        tasks = {name: records for name, records in selected.items() if records}
+        out = shard_run_dir(out, shard)
     system_prompt = (
         load_prompt(cfg.generation.system_prompt) if cfg.generation.system_prompt else None
     )
@@ -205,11 +227,16 @@ def run_eval(cfg: EvalConfig, console: Console | None = None) -> dict:
         for model in cfg.models:
             resolve_model_path(model.name)  # an unknown model fails here, before any work
     inputs = [t.source for t in cfg.tasks] + list(cfg.exclude)
-    with RunDir(cfg.run.output_dir, command="eval", config=cfg, inputs=inputs) as run:
+    with RunDir(out, command="eval", config=cfg, inputs=inputs) as run:
+        if shard is None:  # answers finished by shards of this output_dir are not redone
+            import_shard_answers(cfg, run.path, tasks, console)
         costs = {}
         for model in cfg.models:
-            costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
+            if tasks:  # a shard may hold none of the questions: then no model is loaded
+                costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
         report = _collect(cfg, run, costs, tasks)
+        if shard is not None:
+            report["shard"] = str(shard)  # this shard's questions only
         atomic_write_text(run.path / "eval.json", json.dumps(report, indent=2) + "\n")
         run.count(results=len(report["results"]))
     print_results(report, console)
@@ -339,7 +366,7 @@ def _collect(cfg: EvalConfig, run, costs: dict, tasks: dict) -> dict:
             "num_samples": cfg.generation.num_samples,
             "system_prompt": cfg.generation.system_prompt,
         },
-        "models": [{"label": m.label, **costs[m.label]} for m in cfg.models],
+        "models": [{"label": m.label, **costs.get(m.label, {})} for m in cfg.models],
         "results": results,
     }
 

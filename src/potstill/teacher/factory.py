@@ -12,7 +12,7 @@ def make_backend(model: ModelConfig, backend: BackendConfig, *, batch_size: int 
 
         endpoint = backend.openai
         return OpenAIBackend(
-            base_url=endpoint.base_url,
+            base_url=endpoint.base_url,  # one URL or a list (requests spread by record id)
             model=endpoint.model or model.name,
             api_key_env=endpoint.api_key_env,
             concurrency=endpoint.concurrency,

@@ -1,10 +1,13 @@
 """`potstill generate`: N samples per record from a teacher, written as resumable shards.
 
     potstill generate --config configs/generate.yaml --set generation.num_samples=4
+    potstill generate --config configs/generate.yaml --shard 0/4     # one of 4 machines
+    potstill generate --config configs/generate.yaml --merge         # once all 4 finished
 
 Each sample is a request with a stable key (`{record id}#{k}`) and its own seed derived from the
 base seed, the record id and k, so a killed job, rerun, generates exactly the missing samples and
-they are the same samples an uninterrupted run would have made.
+they are the same samples an uninterrupted run would have made. Seeds do not depend on the shard,
+so the merged shards (`potstill.data.sharding`) hold the samples one unsharded run makes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from rich.progress import (
 )
 
 from potstill.data import ShardWriter, read_records, read_shards, write_records
+from potstill.data.sharding import (
+    Shard,
+    check_complete,
+    copy_records,
+    shard_dirs,
+    shard_of,
+    shard_run_dir,
+    written_ids,
+)
 from potstill.errors import ConfigError
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
@@ -159,26 +171,42 @@ def check_settings(gen: GenerationConfig, console: Console) -> None:
 
 
 def run_generate(
-    cfg: GenerateConfig, console: Console | None = None, *, backend: Backend | None = None
+    cfg: GenerateConfig,
+    console: Console | None = None,
+    *,
+    backend: Backend | None = None,
+    shard: Shard | None = None,
+    merge: bool = False,
 ) -> dict:
-    """Generate every missing sample into `{output_dir}/samples`; return the run's counts."""
+    """Generate every missing sample into `{output_dir}/samples` (a shard: into its own run
+    directory under `{output_dir}/shards/`); `merge` copies the finished shards' samples into
+    `{output_dir}` instead of generating. Returns the run's counts."""
     from potstill.teacher.factory import make_backend
 
     console = console or Console(stderr=True)
     gen = cfg.generation
-    check_settings(gen, console)
-    system_prompt = load_prompt(gen.system_prompt) if gen.system_prompt else None
+    if shard is not None and merge:
+        raise ConfigError("--shard and --merge: merge runs once, after every shard; drop --shard")
     records = read_records(cfg.data.source, limit=cfg.data.limit)
     if not records:
         raise ConfigError(f"data.source: {cfg.data.source} holds no records")
+    if merge:
+        return merge_generate(cfg, records, console)
+    check_settings(gen, console)
+    system_prompt = load_prompt(gen.system_prompt) if gen.system_prompt else None
+    out = cfg.run.output_dir
+    if shard is not None:
+        records, out = shard.select(records), shard_run_dir(out, shard)
+        console.print(f"shard {shard}: {len(records)} of the records (by id)")
     console.print(f"[bold]{len(records)}[/] records × {gen.num_samples} samples")
-    backend = backend or make_backend(cfg.model, cfg.backend, batch_size=gen.batch_size)
     pairs = build_requests(records, gen, system_prompt)
-    pairs, skipped = split_too_long(backend, pairs, prompt_limit(backend, gen))
-    provenance = provenance_of(backend, cfg.model.name, gen)
-    with RunDir(
-        cfg.run.output_dir, command="generate", config=cfg, inputs=[cfg.data.source]
-    ) as run:
+    if pairs:  # an empty shard loads no model
+        backend = backend or make_backend(cfg.model, cfg.backend, batch_size=gen.batch_size)
+        pairs, skipped = split_too_long(backend, pairs, prompt_limit(backend, gen))
+        provenance = provenance_of(backend, cfg.model.name, gen)
+    else:
+        skipped = []
+    with RunDir(out, command="generate", config=cfg, inputs=[cfg.data.source]) as run:
         if skipped:
             write_records(run.path / "skipped.jsonl", skipped)
             console.print(
@@ -194,27 +222,26 @@ def run_generate(
             generation_progress(console) as progress,
             run.timed("generate"),
         ):
+            if shard is None:  # samples finished by shards of this output_dir are not redone
+                keys = {req.key for req, _ in pairs}
+                parts = [d / "samples" for d in shard_dirs(out)[1].values()]
+                if copied := copy_records(parts, w, keep=keys.__contains__):
+                    console.print(f"{copied} samples taken from the shards under {out}/shards")
             already = sum(1 for req, _ in pairs if req.key in w.done_ids)
             bar = progress.add_task("generating", total=len(pairs), completed=already, speed="")
 
-            def on_result(out: Generation) -> None:
+            def on_result(result: Generation) -> None:
                 nonlocal done_samples, done_tokens
                 done_samples += 1
-                done_tokens += out.completion_tokens
+                done_tokens += result.completion_tokens
                 elapsed = time.perf_counter() - start
                 speed = f"{done_samples / elapsed:.2f} samples/s {done_tokens / elapsed:.1f} tok/s"
                 progress.update(bar, advance=1, speed=speed)
 
-            generate_into(backend, pairs, sampling_of(gen), w, provenance, on_result=on_result)
+            if pairs:
+                generate_into(backend, pairs, sampling_of(gen), w, provenance, on_result=on_result)
         elapsed = time.perf_counter() - start
-        written = list(read_shards(samples_dir))
-        counts = {
-            "records": len(records),
-            "samples": len(written),
-            "skipped_prompt_too_long": len(skipped),
-            "completion_tokens": sum(r["completion_tokens"] for r in written),
-            "truncated": sum(r["finish_reason"] == "length" for r in written),
-        }
+        counts = sample_counts(records, samples_dir, len(skipped))
         if done_samples:
             counts["tokens_per_s"] = round(done_tokens / elapsed, 2)
             counts["samples_per_s"] = round(done_samples / elapsed, 3)
@@ -222,5 +249,53 @@ def run_generate(
     console.print(
         f"[green]done[/] {counts['samples']} samples in {samples_dir} "
         f"({counts['truncated']} hit max_new_tokens)"
+    )
+    return counts
+
+
+def sample_counts(records: list[dict], samples_dir, skipped: int) -> dict:
+    written = list(read_shards(samples_dir))
+    return {
+        "records": len(records),
+        "samples": len(written),
+        "skipped_prompt_too_long": skipped,
+        "completion_tokens": sum(r["completion_tokens"] for r in written),
+        "truncated": sum(r["finish_reason"] == "length" for r in written),
+    }
+
+
+def merge_generate(cfg: GenerateConfig, records: list[dict], console: Console) -> dict:
+    """Copy the samples of every finished shard into `{output_dir}/samples`; refuse (naming the
+    shards to finish) while any sample of the records is missing."""
+    out = cfg.run.output_dir
+    count, dirs = shard_dirs(out)
+    if not count:
+        raise ConfigError(
+            f"--merge: no shards under {out}/shards; run `potstill generate --shard i/n` for "
+            "each i first"
+        )
+    skipped = [
+        r
+        for i in sorted(dirs)
+        if (dirs[i] / "skipped.jsonl").is_file()
+        for r in read_records(dirs[i] / "skipped.jsonl")
+    ]
+    dropped = {r["id"] for r in skipped}
+    expected: dict[int, set[str]] = {}
+    for request, record in build_requests(records, cfg.generation, None):
+        if record["id"] not in dropped:
+            expected.setdefault(shard_of(record["id"], count), set()).add(request.key)
+    written = {i: written_ids(d / "samples") for i, d in dirs.items()}
+    check_complete(out, count, expected, written, "samples")
+    with RunDir(out, command="generate", config=cfg, inputs=[cfg.data.source]) as run:
+        with ShardWriter(run.path / "samples", shard_size=1024) as w:
+            copied = copy_records([dirs[i] / "samples" for i in sorted(dirs)], w)
+        if skipped:
+            write_records(run.path / "skipped.jsonl", skipped)
+        counts = {**sample_counts(records, run.path / "samples", len(skipped)), "shards": count}
+        run.count(**counts)
+    console.print(
+        f"[green]merged[/] {count} shards: {counts['samples']} samples in {out}/samples "
+        f"({copied} new)"
     )
     return counts

@@ -1,9 +1,12 @@
 """The `openai` backend: any OpenAI-compatible `/chat/completions` endpoint over HTTP.
 
 Works with `vllm serve`, `potstill serve`, and hosted API providers. Each request is one
-non-streaming chat completion with its own seed; up to `concurrency` are in flight at once and
-results come back as each finishes. 429s, 5xx, timeouts and dropped connections are retried with
-exponential backoff plus jitter (a `Retry-After` header wins); other 4xx are not retried.
+non-streaming chat completion with its own seed; up to `concurrency` are in flight at once (per
+endpoint) and results come back as each finishes. Given several base URLs (replicas of one
+model), each record goes to the endpoint its id hashes to, so a rerun sends it to the same one
+and one record's samples share a server's prefix cache. 429s, 5xx, timeouts and dropped
+connections are retried with exponential backoff plus jitter (a `Retry-After` header wins);
+other 4xx are not retried.
 
 Pre-filling (`Request.prefill`, used by RLT) is not part of the OpenAI API: the prefill is sent
 as a final assistant message with vLLM's extension fields `continue_final_message: true,
@@ -45,7 +48,7 @@ class OpenAIBackend(Backend):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         api_key_env: str | None = "OPENAI_API_KEY",
@@ -54,20 +57,26 @@ class OpenAIBackend(Backend):
         max_retries: int = 6,
         backoff: float = 1.0,
     ):
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url: must start with http:// or https://, got {base_url!r}")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ConfigError("base_url: empty list; give at least one endpoint URL")
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ConfigError(f"base_url: must start with http:// or https://, got {url!r}")
         if concurrency < 1 or timeout <= 0 or max_retries < 0 or backoff < 0:
             raise ConfigError(
                 f"openai backend: need concurrency >= 1, timeout > 0, max_retries >= 0, "
                 f"backoff >= 0; got {concurrency}, {timeout}, {max_retries}, {backoff}"
             )
-        self.base_url = base_url.rstrip("/")
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self.base_url = self.base_urls[0]
         self.model = model
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self.url = f"{self.base_url}/chat/completions"
+        self.urls = [f"{url}/chat/completions" for url in self.base_urls]
+        self.url = self.urls[0]
         self._headers = {"User-Agent": "potstill"}
         if api_key_env is not None:
             key = os.environ.get(api_key_env, "")
@@ -82,7 +91,14 @@ class OpenAIBackend(Backend):
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r})"
 
     def describe(self) -> dict:
-        return {"backend": self.name, "base_url": self.base_url, "model": self.model}
+        urls = self.base_url if len(self.base_urls) == 1 else self.base_urls
+        return {"backend": self.name, "base_url": urls, "model": self.model}
+
+    def endpoint_of(self, request: Request) -> int:
+        """The endpoint a request goes to: a hash of its record id (the key up to '#')."""
+        from potstill.data.sharding import shard_of
+
+        return shard_of(request.key.rsplit("#", 1)[0], len(self.urls))
 
     def generate(
         self, requests: Sequence[Request], sampling: Sampling
@@ -114,20 +130,21 @@ class OpenAIBackend(Backend):
 
     async def _produce(self, requests: list[Request], sampling: Sampling, results: queue.Queue):
         pending = iter(requests)  # shared by the workers: each request is taken once
+        slots = [asyncio.Semaphore(self.concurrency) for _ in self.urls]  # per endpoint
 
         async def worker(client: httpx.AsyncClient):
             for request in pending:
-                results.put((request, await self._complete(client, request, sampling)))
+                async with slots[self.endpoint_of(request)]:
+                    results.put((request, await self._complete(client, request, sampling)))
 
-        limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-        )
+        connections = self.concurrency * len(self.urls)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         try:
             async with httpx.AsyncClient(
                 headers=self._headers, timeout=self.timeout, limits=limits
             ) as client:
                 async with asyncio.TaskGroup() as group:  # the first error cancels the rest
-                    for _ in range(min(self.concurrency, len(requests))):
+                    for _ in range(min(connections, len(requests))):
                         group.create_task(worker(client))
         except Exception as exc:
             while isinstance(exc, BaseExceptionGroup):
@@ -159,24 +176,25 @@ class OpenAIBackend(Backend):
         self, client: httpx.AsyncClient, request: Request, sampling: Sampling
     ) -> Generation:
         payload = self._payload(request, sampling)
+        url = self.urls[self.endpoint_of(request)]
         tries = self.max_retries + 1
         for attempt in range(1, tries + 1):
             wait = None
             try:
                 async with asyncio.timeout(self.timeout):  # the whole request, not per read
-                    response = await client.post(self.url, json=payload)
+                    response = await client.post(url, json=payload)
             except (TimeoutError, httpx.TimeoutException):
                 problem = f"no answer within {self.timeout:g} s"
             except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
                 problem = f"connection failed ({type(exc).__name__}: {_one_line(str(exc))})"
             else:
                 if response.status_code == 200:
-                    return self._parse(response)
+                    return self._parse(response, url)
                 status = response.status_code
                 problem = f"HTTP {status} ({_server_message(response)})"
                 if status != 429 and status < 500:
                     raise EndpointError(
-                        f"{self.url} rejected request '{request.key}': {problem}; "
+                        f"{url} rejected request '{request.key}': {problem}; "
                         "not retried: fix the request or the backend settings (model, api key)"
                     )
                 wait = _retry_after(response)
@@ -186,11 +204,11 @@ class OpenAIBackend(Backend):
                 await asyncio.sleep(min(wait, MAX_WAIT))
         tried = f"{tries} {'try' if tries == 1 else 'tries'}"
         raise EndpointError(
-            f"{self.url}: {problem} after {tried} (request '{request.key}'); "
+            f"{url}: {problem} after {tried} (request '{request.key}'); "
             f"check the server is up and healthy, or lower concurrency (now {self.concurrency})"
         )
 
-    def _parse(self, response: httpx.Response) -> Generation:
+    def _parse(self, response: httpx.Response, url: str) -> Generation:
         try:
             body = response.json()
             choice = body["choices"][0]
@@ -198,7 +216,7 @@ class OpenAIBackend(Backend):
             usage = body.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise EndpointError(
-                f"{self.url} answered 200 but not with a chat completion "
+                f"{url} answered 200 but not with a chat completion "
                 f"({_one_line(response.text)[:200]!r}); is base_url an OpenAI-compatible /v1?"
             ) from None
         return Generation(
