@@ -284,7 +284,7 @@ CASES: dict[str, Callable[[Path, dict], Case]] = {
     "NaN in a cache": lambda d, a: Case(distill(d, a, *offline(a["nan_cache"])), ("'r1'", "NaN")),
     "missing model weights": lambda d, a: Case(
         generate_hf(d, a, a["data"], f"model.name={a['no_weights']}"),
-        (str(a["no_weights"]),),
+        (f"{a['no_weights']} has no weights", "download or save the model again"),
     ),
     "corrupt safetensors": lambda d, a: Case(
         rlt_score(d, a["corrupt"], a["corrupt"], write_records(d / "in.jsonl", EXPLAINED)),

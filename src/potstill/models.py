@@ -200,11 +200,17 @@ def load_configured(cfg: ModelConfig):
 
 def _check_safetensors(source: str) -> None:
     path = Path(source)
-    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    if any(path.glob("*.bin")):
         raise ModelError(
             f"{path} holds only pickle weights (*.bin), which can run code when loaded; potstill "
             "loads safetensors only: re-save the model with save_pretrained where you trust it"
         )
+    raise ModelError(
+        f"{path} has no weights (no *.safetensors file): the download or save did not finish; "
+        "download or save the model again"
+    )
 
 
 def _adapter_dir(spec) -> Path | None:
