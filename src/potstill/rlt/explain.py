@@ -29,7 +29,7 @@ from potstill.fsutil import atomic_write_text
 from potstill.rlt.config import RLTExplainConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.prompts import RLTTags, split_explanation, system_prompt, teacher_request
-from potstill.rlt.score import mean_and_stderr
+from potstill.rlt.score import check_pair_vocab, mean_and_stderr
 from potstill.runs import RunDir
 from potstill.teacher.backends import Sampling
 from potstill.teacher.generate import generate_into, generation_progress, sample_seed
@@ -88,6 +88,8 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
     records = load_rlt_records(cfg.data)
     pairs = _requests(records, cfg)
     needs_scores = cfg.select == "best" or cfg.score
+    if needs_scores:
+        check_pair_vocab(cfg.teacher, cfg.student)  # before hours of generation
     s = cfg.sampling
     sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
     console.print(f"[bold]{len(records)}[/] records × {s.num_explanations} explanations")

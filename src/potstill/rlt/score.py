@@ -138,6 +138,17 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def check_pair_vocab(teacher: ModelConfig, student: ModelConfig) -> None:
+    """ModelError unless the two models' tokenizers share one vocabulary (tokenizers only: a
+    mismatch is refused before any weights load)."""
+    from potstill.models import check_same_vocab, load_tokenizer
+
+    check_same_vocab(
+        load_tokenizer(teacher.name, trust_remote_code=teacher.trust_remote_code),
+        load_tokenizer(student.name, trust_remote_code=student.trust_remote_code),
+    )
+
+
 def load_eval_model(model_cfg: ModelConfig):
     from potstill.models import load_configured
 
@@ -155,6 +166,7 @@ def run_score(
     records = read_records(in_path)
     check_fields(records, str(in_path))  # before loading two models
     console.print(f"[bold]{len(records)}[/] records from {in_path}")
+    check_pair_vocab(cfg.teacher, cfg.student)  # before loading two models
     teacher = load_eval_model(cfg.teacher)
     student = teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
     with Progress(
