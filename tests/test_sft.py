@@ -159,3 +159,45 @@ def test_sigterm_stops_cleanly_with_a_checkpoint_and_the_rerun_finishes(tiny_mod
     assert saved and int(saved[-1][5:]) == steps  # the last finished step, not step 1000
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["attempts"][-1]["status"] == "interrupted"
+
+
+def test_an_interrupt_mid_step_checkpoints_the_rng_of_the_last_finished_step(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Regression: the clean-stop checkpoint saved the RNG as the interrupted step had left it
+    (its LoRA dropout had drawn from it), so the resumed run drew other dropout masks than an
+    uninterrupted one and its losses differed from the step after the checkpoint on."""
+    from rich.console import Console
+
+    import potstill.train.sft as sft
+    from potstill.config import load_config
+    from potstill.sections import SFTConfig
+
+    data = _records(tmp_path / "kept.jsonl")
+
+    def run(out):
+        args = _sft_args(tiny_model_dir, data, out, "--set", "train.max_steps=4")
+        overrides = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--set"]
+        sft.run_sft(load_config(SFTConfig, overrides=overrides), Console(quiet=True))
+
+    run(tmp_path / "full")
+    real_loss, calls = sft.sft_loss, []
+
+    def interrupted_loss(model, batch, window_tokens):
+        calls.append(1)
+        out = real_loss(model, batch, window_tokens)  # step 3's dropout masks are drawn here
+        if len(calls) == 5:  # step 3's first micro-batch (grad_accum 2)
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(sft, "sft_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == ["step-000002"]
+    run(tmp_path / "cut")
+    expected = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    for step in (3, 4):
+        assert resumed[step]["loss"] == expected[step]["loss"]  # exact: same masks, same weights

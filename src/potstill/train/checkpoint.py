@@ -60,10 +60,7 @@ def save_checkpoint(
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    torch.save(rng, tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     atomic_write_text(tmp / "state.json", json.dumps(asdict(state)))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -117,7 +114,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> LoopState:
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
     optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(scheduler_state)
+    set_rng_state(rng)
+    return state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The torch CPU (and CUDA) generator states: what dropout draws from."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return rng
+
+
+def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(rng["cuda"]))
-    return state

@@ -25,7 +25,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from potstill.runs import RunDir
 from potstill.sections import TrainConfig
-from potstill.train.checkpoint import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
+from potstill.train.checkpoint import (
+    LoopState,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, float]]]
 """(model, micro_batch, target_tokens_in_window) -> (normalised loss, parts to log)."""
@@ -163,6 +170,7 @@ def train(
 
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     accelerator.init_trackers("train")
+    rng_at_step = rng_state()  # the RNG as the last finished step left it (what a checkpoint keeps)
     model.train()
     last: dict[str, float] = {}
     start, start_tokens = time.perf_counter(), state.tokens
@@ -223,6 +231,7 @@ def train(
                     }
                     hooks.after_step(state.step, last)
                     state.extra = hooks.state_dict()
+                    rng_at_step = rng_state()
                     accelerator.log(last, step=state.step)
                     if accelerator.is_main_process:
                         _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})
@@ -232,7 +241,10 @@ def train(
                     _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
     except KeyboardInterrupt:
         # Stop cleanly at the last finished step: its weights and data position still agree.
+        # The interrupted step's dropout has drawn from the RNG since: rewind it, or the resumed
+        # run would draw other masks than an uninterrupted one.
         optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng_at_step)
         _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
         raise
     finally:
