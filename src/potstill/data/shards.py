@@ -98,9 +98,11 @@ class ShardWriter:
         path = self.directory / f"part-{self._next_index:05d}.jsonl"
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._buffer)
         atomic_write_bytes(path, data.encode("utf-8"))
+        # The buffer empties first: an interrupt (Ctrl-C, SIGTERM) before this line rewrites
+        # the same shard on close, one after it finds nothing left to flush; none writes twice.
+        flushed, self._buffer = self._buffer, []
         self._next_index += 1
-        self.written += len(self._buffer)
-        self._buffer = []
+        self.written += len(flushed)
 
     def close(self) -> None:
         self.flush()

@@ -132,10 +132,12 @@ class CacheWriter:
             return
         shard = self.path / f"shard-{self._next:05d}.safetensors"
         atomic_write_bytes(shard, shard_bytes(self._buffer, {"encoding": self.meta["encoding"]}))
+        # The buffer empties first: an interrupt (Ctrl-C, SIGTERM) before this line rewrites
+        # the same shard on close, one after it finds nothing left to flush; none writes twice.
+        flushed, self._buffer = self._buffer, []
         self._next += 1
-        self.written += len(self._buffer)
-        self.tokens_written += sum(tokens for _, tokens, _ in self._buffer)
-        self._buffer = []
+        self.written += len(flushed)
+        self.tokens_written += sum(tokens for _, tokens, _ in flushed)
 
     def close(self) -> None:
         try:
