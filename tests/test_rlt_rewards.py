@@ -297,6 +297,18 @@ def test_tag_boundary_tokens_count_and_align(merging):
         assert b.rlt_reward == pytest.approx(p.rlt_reward, abs=1e-5)
 
 
+def test_empty_explanation_has_no_tokens_even_where_the_tags_merge(merging):
+    """Found in a GRPO run: a teacher that closes at once leaves "" between the student's tags,
+    which BPE may cover with one straddling token; it is no explanation token (r^KL = 0)."""
+    s = Sample(QUESTION, "42", "", id="empty")
+    (prep,) = prepare(merging, [s], RewardConfig())
+    assert prep.teacher_expl == [] and prep.student_expl == [] and prep.n_groups == 0
+    (batched,) = reward_batch(merging, [s])
+    (single,) = reward_per_sample(merging, [s])
+    assert batched.r_kl == 0.0 and batched.explanation_tokens == 0
+    assert batched.rlt_reward == pytest.approx(single.rlt_reward, abs=1e-5)
+
+
 def test_align_groups():
     same = [(0, 2), (2, 5), (5, 6)]
     assert align_groups(same, same, 6) == ([0, 1, 2], [0, 1, 2], 3)

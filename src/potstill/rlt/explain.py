@@ -24,7 +24,7 @@ from collections import Counter
 
 from rich.console import Console
 
-from potstill.data import ShardWriter, read_shards, write_records
+from potstill.data import ShardWriter, read_records, read_shards, write_records
 from potstill.fsutil import atomic_write_text
 from potstill.rlt.config import RLTExplainConfig
 from potstill.rlt.data import load_rlt_records
@@ -112,11 +112,13 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
                 on_result=lambda out: progress.update(bar, advance=1),
                 transform=_as_explanation(cfg.tags),
             )  # fmt: skip
-        explained = sorted(read_shards(shards), key=lambda r: r["id"])
+        explained = read_shards_sorted(shards)
         if needs_scores:
-            with run.timed("score"):
-                explained = _score(cfg, backend, explained, console)
-            write_records(run.path / "scored.jsonl", explained)
+            explained = _scored_before(run.path / "scored.jsonl", explained)
+            if explained is None:  # not scored yet (or the explanations changed since)
+                with run.timed("score"):
+                    explained = _score(cfg, backend, read_shards_sorted(shards), console)
+                write_records(run.path / "scored.jsonl", explained)
         backend.close()
         counts = Counter(closed=sum(r["explanation_closed"] for r in explained))
         counts.update(explanations=len(explained), records=len(records))
@@ -143,6 +145,21 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
         f"data.source={out} --set data.system_prompt={run.path / 'student_system_prompt.txt'}"
     )
     return dict(counts)
+
+
+def read_shards_sorted(shards) -> list[dict]:
+    return sorted(read_shards(shards), key=lambda r: r["id"])
+
+
+def _scored_before(path, explained: list[dict]) -> list[dict] | None:
+    """The scores a finished earlier run wrote, if they cover exactly these explanations."""
+    if not path.is_file():
+        return None
+    scored = read_records(path)
+    same = [(r["id"], r["explanation"]) for r in scored] == [
+        (r["id"], r["explanation"]) for r in explained
+    ]
+    return scored if same else None
 
 
 def _score(cfg: RLTExplainConfig, backend, explained: list[dict], console) -> list[dict]:

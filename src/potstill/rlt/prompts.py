@@ -207,8 +207,11 @@ def build_student_text(
 
 def overlapping(offsets: Sequence[tuple[int, int]], span: Span) -> list[int]:
     """Positions of the tokens whose character range overlaps `span` (never position 0, which
-    no earlier position predicts)."""
+    no earlier position predicts). An empty span has no tokens, even where a token that BPE
+    merged across the two tags around it straddles the point."""
     start, end = span
+    if start == end:
+        return []
     return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and i > 0]
 
 

@@ -263,9 +263,10 @@ def _gather_logprobs(model, rows, wanted: list[list[int]], pad_id: int, cfg: Rew
     inputs = [r[: max(w, default=1)] for r, w in zip(rows, wanted, strict=True)]
     hidden = _hidden_states(model, inputs, pad_id, cfg)  # (B, T, H)
     device = hidden.device
-    row_idx = torch.tensor([i for i, w in enumerate(wanted) for _ in w], device=device)
-    pos = torch.tensor([p for w in wanted for p in w], device=device, dtype=torch.long)
-    targets = torch.tensor([rows[i][p] for i, w in enumerate(wanted) for p in w], device=device)
+    long = {"device": device, "dtype": torch.long}  # also when nothing is wanted (empty lists)
+    row_idx = torch.tensor([i for i, w in enumerate(wanted) for _ in w], **long)
+    pos = torch.tensor([p for w in wanted for p in w], **long)
+    targets = torch.tensor([rows[i][p] for i, w in enumerate(wanted) for p in w], **long)
     picked = hidden[row_idx, pos - 1]  # (N, H): the state before each wanted token predicts it
     lm_head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
