@@ -66,9 +66,10 @@ def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume
         if cfg.train.gradient_checkpointing:
             teacher.enable_input_require_grads()
     g = cfg.grpo.group_size
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     console.print(
-        f"[bold]{len(questions)}[/] questions × G={g}; "
-        f"{cfg.train.micro_batch_size * cfg.train.grad_accum} questions per step"
+        f"[bold]{len(questions)}[/] questions × G={g}; {per_step} "
+        f"question{'s' if per_step > 1 else ''} per step (and per process)"
     )
     inputs = [cfg.data.source]
     with RunDir(cfg.run.output_dir, command="rlt train", config=cfg, inputs=inputs) as run:
