@@ -231,10 +231,11 @@ class GRPOHooks(StepHooks):
             for start in range(0, len(samples), self.cfg.reward_batch_size):
                 chunk = samples[start : start + self.cfg.reward_batch_size]
                 rewards += reward_batch(self.models, chunk, self.reward_cfg)
-            rollouts = []
+            rollouts, flat = [], 0
             for i in range(len(items)):
                 group = rewards[i * g : (i + 1) * g]
                 advantages = group_advantages([r.rlt_reward for r in group])
+                flat += all(a == 0.0 for a in advantages)
                 for k, adv in enumerate(advantages):
                     request = requests[i * g + k]
                     rollouts.append(self._rollout(request, out[request.key], adv))
@@ -242,6 +243,9 @@ class GRPOHooks(StepHooks):
         finally:
             model.train(was_training)
         self._record(rewards, [out[r.key] for r in requests])
+        # Groups whose rewards are all equal push nothing: the share says how much of a step
+        # had a learning signal (a near-deterministic teacher samples G identical texts).
+        self._stats.setdefault("flat_groups", []).extend([1.0] * flat + [0.0] * (len(items) - flat))
         return rollouts
 
     def _sample(self, q: Question, generation) -> Sample:
