@@ -99,14 +99,24 @@ def test_rlt_train_changes_the_teacher_and_resumes_exactly(tiny_model_dir, tmp_p
         assert resumed[key] == pytest.approx(metrics[3][key], rel=1e-6, abs=1e-9), key
 
 
-def test_reference_resync_is_saved_and_reloaded(tiny_model_dir, tmp_path):
+def test_full_fine_tuning_with_reference_resync(tiny_model_dir, tmp_path):
+    """No LoRA: every weight trains, and the reference is a copy of every weight, re-synced
+    every 2 steps, saved, and named in the checkpoint so a resume reloads it."""
+    from safetensors.torch import load_file
+
     data = write_records(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "sync"
-    proc = _train(tiny_model_dir, data, out, "--set", "grpo.ref_sync_every=2")
+    sets = ("--set", "grpo.ref_sync_every=2", "--set", "teacher.lora=null")
+    proc = _train(tiny_model_dir, data, out, *sets)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (out / "reference").iterdir()) == ["step-00000002.safetensors"]
     state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
     assert state["extra"] == {"ref_step": 2}
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    reference = load_file(out / "reference" / "step-00000002.safetensors")
+    assert len(reference) == len(before)  # every weight is in the reference
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_group_size_one_is_a_config_error(tiny_model_dir, tmp_path):

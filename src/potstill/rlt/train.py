@@ -73,14 +73,14 @@ def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume
     )
     inputs = [cfg.data.source]
     with RunDir(cfg.run.output_dir, command="rlt train", config=cfg, inputs=inputs) as run:
-        from accelerate import PartialState
+        from potstill.distributed import is_main_process
 
         hooks = GRPOHooks(
             policy=teacher, tokenizer=tokenizer, student=student, student_tokenizer=student_tok,
             grpo=cfg.grpo, reward=cfg.reward, tags=cfg.tags,
             teacher_system_prompt=cfg.teacher_system_prompt,
             student_system_prompt=cfg.student_system_prompt, seed=cfg.train.seed,
-            reference_dir=run.path / "reference", is_main=PartialState().is_main_process,
+            reference_dir=run.path / "reference", is_main=is_main_process(),
         )  # fmt: skip
         run.count(questions=len(questions), group_size=g)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
