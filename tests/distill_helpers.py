@@ -28,6 +28,16 @@ def write_data(path, n=12):
 
 
 def config(student, teacher, data, out, *overrides, mode="online", cache=None) -> DistillConfig:
+    return load_config(
+        DistillConfig,
+        overrides=distill_overrides(
+            student, teacher, data, out, *overrides, mode=mode, cache=cache
+        ),
+    )
+
+
+def distill_overrides(student, teacher, data, out, *overrides, mode="online", cache=None):
+    """The `key=value` overrides of `config` (for the CLI: one `--set` each)."""
     base = [
         f"student.name={student}",
         "student.lora={r: 4, alpha: 8, dropout: 0.0}",
@@ -47,7 +57,7 @@ def config(student, teacher, data, out, *overrides, mode="online", cache=None) -
     ]
     if cache is not None:
         base.append(f"teacher.cache={cache}")
-    return load_config(DistillConfig, overrides=[*base, *overrides])
+    return [*base, *overrides]
 
 
 def cli_args(student, teacher, data, out, *extra):
