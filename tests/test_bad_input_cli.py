@@ -98,9 +98,9 @@ CASES = {
         yaml_case("train:\n  lr: -1.0e-5\n"),
         ["train.lr: must be > 0, got -1e-05"],
     ),
-    "not built verb": (
+    "missing config file": (
         lambda d: ["rlt", "warmup", "--config", "x.yaml"],
-        ["`potstill rlt warmup` is not built yet"],
+        ["config file not found: x.yaml"],
     ),
 }
 
