@@ -11,15 +11,13 @@ model learns the format (and to close the section) before GRPO rewards what it w
 
 from __future__ import annotations
 
-import torch
 from rich.console import Console
 
 from potstill.errors import DataError
 from potstill.rlt.config import RLTWarmupConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.prompts import system_prompt, teacher_request
-from potstill.runs import RunDir
-from potstill.train.sft import build_example, collate, count_tokens, sft_loss
+from potstill.train.sft import build_example, fit_examples
 
 
 def warmup_examples(records, tokenizer, cfg: RLTWarmupConfig):
@@ -43,9 +41,7 @@ def warmup_examples(records, tokenizer, cfg: RLTWarmupConfig):
 
 
 def run_warmup(cfg: RLTWarmupConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import apply_lora, load_configured
-    from potstill.train.loop import train
-    from potstill.train.save import save_final
+    from potstill.models import load_configured
 
     console = console or Console(stderr=True)
     records = load_rlt_records(cfg.data, explanation=True)
@@ -60,30 +56,11 @@ def run_warmup(cfg: RLTWarmupConfig, console: Console | None = None, *, resume: 
         f"[bold]{len(examples)}[/] warm-up examples, "
         f"{sum(e.target_tokens for e in examples):,} explanation tokens ({skipped} skipped)"
     )
-    if cfg.teacher.lora:
-        torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
-        model = apply_lora(model, cfg.teacher.lora)
-    with RunDir(
-        cfg.run.output_dir, command="rlt warmup", config=cfg, inputs=[cfg.data.source]
-    ) as run:
-        run.count(records=len(records), examples=len(examples), skipped=skipped)
-        with run.timed("train"):
-            result = train(
-                cfg=cfg.train,
-                model=model,
-                examples=examples,
-                collate=lambda batch: collate(batch, tokenizer.pad_token_id or 0),
-                count_tokens=count_tokens,
-                loss_fn=sft_loss,
-                run=run,
-                log_with=cfg.run.log_with,
-                console=console,
-                require_checkpoint=resume,
-            )
-        final = save_final(
-            model, tokenizer, run.path / "final", merge=cfg.train.merge_lora,
-            base_spec=cfg.teacher.name,
-        )  # fmt: skip
-        run.count(steps=result["step"], final_loss=result.get("loss", float("nan")))
+    counts = {"records": len(records), "examples": len(examples), "skipped": skipped}
+    result, final = fit_examples(
+        model, tokenizer, examples, config=cfg, model_cfg=cfg.teacher, train_cfg=cfg.train,
+        run_cfg=cfg.run, command="rlt warmup", inputs=[cfg.data.source], counts=counts,
+        console=console, resume=resume,
+    )  # fmt: skip
     console.print(f"[green]done[/] {result['step']} steps; teacher saved to {final}")
     return result

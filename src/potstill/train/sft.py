@@ -13,6 +13,7 @@ to one another.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,7 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], dict[str, i
 
 
 def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = False) -> dict:
-    from potstill.models import apply_lora, load_model, load_tokenizer
+    from potstill.models import load_model, load_tokenizer
 
     console = console or Console(stderr=True)
     if resume:
@@ -181,36 +182,50 @@ def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = Fa
         device=cfg.model.device,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    if cfg.model.lora:
-        torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
-        model = apply_lora(model, cfg.model.lora)
-        if cfg.train.gradient_checkpointing:
-            model.enable_input_require_grads()
+    result, final = fit_examples(
+        model, tokenizer, examples, config=cfg, model_cfg=cfg.model, train_cfg=cfg.train,
+        run_cfg=cfg.run, command="sft", inputs=[cfg.data.source], counts=counts,
+        console=console, resume=resume,
+    )  # fmt: skip
+    console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
+    return result
+
+
+def fit_examples(
+    model, tokenizer, examples: list[Example], *, config, model_cfg, train_cfg, run_cfg,
+    command: str, inputs: list[str], counts: dict, console: Console, resume: bool,
+) -> tuple[dict, Path]:  # fmt: skip
+    """LoRA if asked (seeded), then the shared loop with the SFT loss on `examples` in a run
+    directory that keeps `config` (the stage's whole config), then `final/`: what
+    `potstill sft` and `potstill rlt warmup` both do.
+    Returns the loop's result and the saved model's path."""
+    from potstill.models import apply_lora
     from potstill.train.loop import train
     from potstill.train.save import save_final
 
-    with RunDir(cfg.run.output_dir, command="sft", config=cfg, inputs=[cfg.data.source]) as run:
+    if model_cfg.lora:
+        torch.manual_seed(train_cfg.seed)  # LoRA's initial weights
+        model = apply_lora(model, model_cfg.lora)
+        if train_cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    with RunDir(run_cfg.output_dir, command=command, config=config, inputs=inputs) as run:
         run.count(**counts)
         with run.timed("train"):
             result = train(
-                cfg=cfg.train,
+                cfg=train_cfg,
                 model=model,
                 examples=examples,
                 collate=lambda batch: collate(batch, tokenizer.pad_token_id or 0),
                 count_tokens=count_tokens,
                 loss_fn=sft_loss,
                 run=run,
-                log_with=cfg.run.log_with,
+                log_with=run_cfg.log_with,
                 console=console,
                 require_checkpoint=resume,
             )
         final = save_final(
-            model,
-            tokenizer,
-            run.path / "final",
-            merge=cfg.train.merge_lora,
-            base_spec=cfg.model.name,
-        )
+            model, tokenizer, run.path / "final", merge=train_cfg.merge_lora,
+            base_spec=model_cfg.name,
+        )  # fmt: skip
         run.count(steps=result["step"], final_loss=result.get("loss", float("nan")))
-    console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
-    return result
+    return result, final
