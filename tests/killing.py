@@ -162,9 +162,13 @@ def plan_targets(rng: random.Random, total: int, n: int) -> list[int]:
 
 
 def assert_clean_stop(case: Case, stopped: Stopped, out: Path) -> None:
-    """Exit 130, no traceback; the manifest says interrupted."""
+    """Exit 130, no traceback, one last line that says how to go on; the manifest says
+    interrupted."""
+    from potstill.cli import INTERRUPTED_LINE
+
     assert stopped.returncode == 130, (stopped.returncode, stopped.stderr)
     assert "Traceback" not in stopped.stderr, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == INTERRUPTED_LINE, stopped.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["attempts"][-1]["status"] == "interrupted"
 
@@ -330,7 +334,8 @@ class RecordChecks:
 
 
 class TrainingChecks:
-    """sft, distill: resumed at the last checkpoint; the same metrics and weights at the end."""
+    """sft, distill, rlt train: resumed at the last checkpoint; the same metrics and weights
+    (and reference snapshots, where a run keeps them) at the end."""
 
     @staticmethod
     def start(case, reference):
@@ -356,6 +361,8 @@ class TrainingChecks:
         assert_same_tensors(reference / "final", out / "final")
         step = f"step-{last_checkpoint(reference):06d}"
         assert_same_tensors(reference / "checkpoints" / step, out / "checkpoints" / step)
+        if (reference / "reference").is_dir():  # rlt train's re-synced reference weights
+            assert_same_tensors(reference / "reference", out / "reference")
 
 
 def assert_resumed_from(stdout: str, out, before: dict) -> None:

@@ -4,12 +4,13 @@ what an uninterrupted run of the same config ends with:
 
 - generate, curate (its rewrite step), teacher cache: the same records (every id once, none lost;
   the same seeded samples, rewrites and cached log-probs);
-- sft, distill: each rerun continues from the last checkpoint, and every step's logged values and
-  the final weights equal the uninterrupted run's, exactly.
+- sft, distill, rlt train: each rerun continues from the last checkpoint, and every step's logged
+  values and the final weights (and rlt train's reference snapshots) equal the uninterrupted
+  run's, exactly.
 
 The stops of one case are chained on one output directory (stop, rerun, stop, rerun, ...), so a
-rerun also resumes what earlier reruns wrote. Adding a command (say `rlt train`) is one more entry
-in CASES; the harness is tests/killing.py.
+rerun also resumes what earlier reruns wrote. Adding a command is one more entry in CASES; the
+harness is tests/killing.py.
 """
 
 from __future__ import annotations
@@ -90,11 +91,16 @@ GENERATE = Case(
 # --- curate (the rewrite step is its long, resumable part) --------------------------------------
 
 
+ROWS = 5 * 64 + 8
+"""Rewrites in the curate case: five full shards and a partial one (units 1 to 6: room for a
+stop that lands one unit late, on a loaded machine, and two more after it)."""
+
+
 def curate_setup(model_dir, tmp):
     # One sample per question, all verified and kept: each goes to the rewriting model.
     rows = [
         sample(f"q{i}#0", LONG_TRACE.replace("Monday", f"day {i}"), source_id=f"q{i}")
-        for i in range(200)
+        for i in range(ROWS)
     ]
     rows += [sample("bad#0", "I do not know.", source_id="bad")]  # dropped: no answer
     data = write_records(tmp / "samples.jsonl", rows)
@@ -125,11 +131,14 @@ def curate_final(out):
 
 def curate_units(out):
     """1 once the rewrite has started (its shard dir is made before the first request), then one
-    more per 32 rewrites on disk: 1 to 7. (Shards hold 64, or what 10 s brought on a slow day.)"""
+    more per 64 rewrites on disk: 1 to 6. A unit is no smaller than a shard (64 rewrites, or what
+    10 s brought on a slow day), so one flush adds at most one unit and a stop sent at the unit
+    after its target still leaves work. (With 32-rewrite units one flush added two, and a stop
+    meant for unit 5 of 7 could land after the last full shard, with 8 rewrites left to do.)"""
     rewrite = out / "rewrite"
     if not rewrite.is_dir():
         return 0
-    return 1 + sum(p.read_bytes().count(b"\n") for p in rewrite.glob("part-*.jsonl")) // 32
+    return 1 + sum(p.read_bytes().count(b"\n") for p in rewrite.glob("part-*.jsonl")) // 64
 
 
 CURATE = Case(
@@ -255,7 +264,50 @@ DISTILL = Case(
     stops=(signal.SIGKILL, signal.SIGINT, signal.SIGKILL),
 )
 
-CASES = [GENERATE, CURATE, TEACHER_CACHE, SFT, DISTILL]
+# --- rlt train ----------------------------------------------------------------------------------
+
+
+def rlt_train_setup(model_dir, tmp):
+    data = write_records(tmp / "questions.jsonl", RLT_QUESTIONS)
+    return [
+        f"teacher.name={model_dir}",
+        f"student.name={model_dir}",
+        f"data.source={data}",
+        "grpo.group_size=4",
+        "grpo.max_new_tokens=6",
+        "grpo.temperature=1.0",  # seeded per (micro-batch, row): a redone step samples the same
+        "grpo.ref_sync_every=3",  # out of step with the checkpoints: the resume reloads a reference
+        "train.micro_batch_size=2",
+        "train.lr=5e-3",
+        "tags.explanation_end=t",  # some explanations close, some not: the groups have a signal
+        "teacher_system_prompt=null",
+        "student_system_prompt=null",
+        *TRAIN,
+    ]
+
+
+def rlt_train_reference(overrides):
+    from potstill.rlt.config import RLTTrainConfig
+    from potstill.rlt.train import run_rlt_train
+
+    run_rlt_train(load_config(RLTTrainConfig, overrides=overrides), QUIET)
+
+
+RLT_QUESTIONS = [
+    {"id": f"q{i}", "question": f"What is {i} + 25?", "solution": f"{i} + 25 = {i + 25}"}
+    for i in range(4)
+]
+RLT_TRAIN = Case(
+    name="rlt train",
+    verb=("rlt", "train"),
+    setup=rlt_train_setup,
+    reference=rlt_train_reference,
+    kind="training",
+    units=checkpoint_units,
+    stops=(signal.SIGKILL, signal.SIGTERM, signal.SIGKILL),
+)
+
+CASES = [GENERATE, CURATE, TEACHER_CACHE, SFT, DISTILL, RLT_TRAIN]
 SLOW = {"curate", "distill"}
 
 

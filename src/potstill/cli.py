@@ -361,6 +361,10 @@ def rlt_explain(
     run_explain(load_config(RLTExplainConfig, config, overrides), console)
 
 
+INTERRUPTED = 130
+INTERRUPTED_LINE = "interrupted: finished work is saved; rerun the same command to continue"
+
+
 def _stop_cleanly(signum, frame) -> None:
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: shards flushed, a checkpoint saved.
     raise KeyboardInterrupt
@@ -380,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_launch()
         result = command.main(args=argv, prog_name="potstill", standalone_mode=False)
+        if result == INTERRUPTED:  # typer turns Ctrl-C (and SIGTERM, above) into this code
+            print(INTERRUPTED_LINE, file=sys.stderr)
         return result if isinstance(result, int) else 0
     except PotstillError as exc:
         if os.environ.get("POTSTILL_DEBUG"):
@@ -402,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return INTERRUPTED
 
 
 def run() -> None:
