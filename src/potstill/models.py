@@ -18,7 +18,7 @@ import torch
 from potstill.errors import ModelError
 from potstill.fsutil import file_lock, sha256_file
 from potstill.kit.convert import check_gguf, convert_gguf, is_converted
-from potstill.kit.prepare import prepare
+from potstill.kit.prepare import prepare, prepare_tokenizer
 from potstill.kit.registry import KIT, closest_kit_name
 from potstill.paths import cache_dir
 from potstill.sections import LoraConfig, ModelConfig
@@ -120,9 +120,10 @@ def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):
     """The tokenizer for `spec`, with a pad token set (eos if the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(
-        AutoTokenizer, resolve_model_path(spec), trust_remote_code=trust_remote_code
-    )
+    # A kit model's tokenizer alone, if its weights are not converted yet: checks that need only
+    # the vocabulary (a teacher/student pair, a token count) stay cheap.
+    source = str(prepare_tokenizer(str(spec))) if str(spec) in KIT else resolve_model_path(spec)
+    tokenizer = _from_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -17,7 +17,8 @@ def home() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    """A sub-directory of `home()`: "models", "downloads", "converted", "locks" or "tmp"."""
+    """A sub-directory of `home()`: "models", "tokenizers", "downloads", "converted", "locks"
+    or "tmp"."""
     path = home() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -50,7 +50,7 @@ def convert_gguf(
 
     bf16 halves the directory's size; logits stay within ~0.1 of the GGUF load with the same argmax.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -70,8 +70,7 @@ def convert_gguf(
         del quantized
         plain.save_pretrained(tmp)
         del plain
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        tokenizer.save_pretrained(tmp)
+        save_gguf_tokenizer(gguf_path, tmp)
     except ModelError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,6 +84,14 @@ def convert_gguf(
     (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def save_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """Write the tokenizer a GGUF file carries (vocabulary, merges, chat template) to `out_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out_dir)
 
 
 def is_converted(path: Path) -> bool:

