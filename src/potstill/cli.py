@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from potstill.cli_options import ConfigOpt, ResumeOpt, SetOpt, console
+from potstill.cli_rlt import rlt_app
 from potstill.errors import ConfigError, PotstillError
 
 try:  # newer typer carries its own copy of click; its commands raise that copy's exceptions
@@ -43,7 +44,6 @@ models_app = typer.Typer(
 data_app = typer.Typer(help="Inspect and validate record sources.", no_args_is_help=True)
 config_app = typer.Typer(help="Show and check stage configs.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Teacher-side jobs (logit cache).", no_args_is_help=True)
-rlt_app = typer.Typer(help="Reinforcement-learned teachers (Sakana AI RLT).", no_args_is_help=True)
 for sub, name in (
     (models_app, "models"),
     (data_app, "data"),
@@ -53,14 +53,8 @@ for sub, name in (
 ):
     app.add_typer(sub, name=name)
 
-console = Console()
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """Write errors a user fixes by freeing space: one line, exit 2, like any other input problem."""
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Require a checkpoint to continue from.")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-5")
-]
 
 
 @models_app.command("list")
@@ -268,25 +262,6 @@ def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     run_teacher_cache(load_config(TeacherCacheConfig, config, set_ or []), console)
 
 
-@rlt_app.command("score")
-def rlt_score(
-    teacher: Annotated[str, typer.Option("--teacher", help="Teacher model spec.")],
-    student: Annotated[str, typer.Option("--student", help="Student model spec.")],
-    in_path: Annotated[
-        Path, typer.Option("--in", help="Records with question/solution/explanation.")
-    ],
-    out_path: Annotated[Path, typer.Option("--out", help="Output .jsonl or .parquet.")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Score explanations with the RLT reward (r^SS - lambda r^KL) for a student."""
-    from potstill.config import load_config
-    from potstill.rlt.score import RLTScoreConfig, run_score
-
-    overrides = [*(set_ or []), f"teacher.name={teacher}", f"student.name={student}"]
-    run_score(load_config(RLTScoreConfig, config, overrides), in_path, out_path, console)
-
-
 @app.command("eval")
 def eval_(
     config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None, merge: MergeOpt = False
@@ -320,45 +295,6 @@ def report(
 
     path = write_report(run_dirs, out, price_per_hour=price_per_hour)
     console.print(f"[green]wrote[/] {path} and {path.with_suffix('.md').name}")
-
-
-@rlt_app.command("warmup")
-def rlt_warmup(config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
-    """Supervised warm-up of the teacher in its format (loss on the explanation only)."""
-    from potstill.config import load_config
-    from potstill.rlt.config import RLTWarmupConfig
-    from potstill.rlt.warmup import run_warmup
-
-    run_warmup(load_config(RLTWarmupConfig, config, set_ or []), console, resume=resume)
-
-
-@rlt_app.command("train")
-def rlt_train(config: ConfigOpt = None, set_: SetOpt = None, resume: ResumeOpt = False) -> None:
-    """GRPO on the teacher with the RLT reward for a student; reruns resume."""
-    from potstill.config import load_config
-    from potstill.rlt.config import RLTTrainConfig
-    from potstill.rlt.train import run_rlt_train
-
-    run_rlt_train(load_config(RLTTrainConfig, config, set_ or []), console, resume=resume)
-
-
-@rlt_app.command("explain")
-def rlt_explain(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    select: Annotated[
-        str | None,
-        typer.Option("--select", help="all: every closed explanation; best: top RLT reward."),
-    ] = None,
-) -> None:
-    """The teacher explains (question, solution) records, N each; --select best keeps the one
-    that teaches the student best. Output: student training data; reruns resume."""
-    from potstill.config import load_config
-    from potstill.rlt.config import RLTExplainConfig
-    from potstill.rlt.explain import run_explain
-
-    overrides = [*(set_ or []), *([f"select={select}"] if select else [])]
-    run_explain(load_config(RLTExplainConfig, config, overrides), console)
 
 
 INTERRUPTED = 130
