@@ -112,9 +112,9 @@ def curate_setup(model_dir, tmp):
         "rewrite.enabled=true",
         f"rewrite.prompt_file={prompt}",
         f"rewrite.model.name={model_dir}",
-        "rewrite.max_new_tokens=12",
+        "rewrite.max_new_tokens=6",
         "rewrite.temperature=1.0",  # seeded per record: a resumed rewrite is the same text
-        "rewrite.batch_size=8",
+        "rewrite.batch_size=16",
     ]
 
 
