@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,14 +103,35 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     """Run the real `potstill` CLI in a subprocess; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("POTSTILL_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "potstill", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=600,
-    )
+    return run_in_group([sys.executable, "-m", "potstill", *args], cwd=cwd, env=full_env)
+
+
+def run_in_group(cmd: list[str], *, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own, capturing text output; on timeout kill the whole
+    group (a launcher's worker ranks included, so nothing outlives the test) and fail."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        **popen,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"{cmd[:6]} ran past {timeout} s; its process group was killed\n{stderr[-3000:]}"
+        ) from None
+    finally:
+        kill_group(proc)  # ranks a launcher left behind when it exited
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of `proc`'s group (started with start_new_session=True)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def assert_one_line_error(proc, *fragments: str) -> str:

@@ -26,7 +26,7 @@ import pytest
 
 from potstill.train.loop import read_metrics
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import assert_one_line_error, run_cli, run_in_group
 from .distill_helpers import config, make_teacher_dir, write_cache, write_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
             "--main_process_port", str(_free_port()),
             "-m", "potstill", *args,
         ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = run_in_group(cmd, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
     return proc
 

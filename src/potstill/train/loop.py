@@ -184,6 +184,7 @@ def train(
         console=console,
         disable=not accelerator.is_main_process,
     )
+    finished = False
     try:
         with progress:
             bar = progress.add_task("train", total=steps, completed=state.step, info="")
@@ -239,6 +240,7 @@ def train(
                     progress.update(bar, completed=state.step, info=_fmt(last, short=True))
                 if state.step % cfg.save_every == 0 or state.step == steps:
                     _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
+        finished = True
     except KeyboardInterrupt:
         # Stop cleanly at the last finished step: its weights and data position still agree.
         # The interrupted step's dropout has drawn from the RNG since: rewind it, or the resumed
@@ -248,8 +250,38 @@ def train(
         _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
         raise
     finally:
-        accelerator.end_training()
+        del model, optimizer, scheduler  # the wrapper goes in teardown, not in a destructor
+        teardown(accelerator, wait=finished)
     return {"step": state.step, "steps": steps, "tokens": state.tokens, **last}
+
+
+def teardown(accelerator, *, wait: bool) -> None:
+    """End a (multi-process) run in order: wait for every process, release the wrapped model,
+    destroy the process group.
+
+    Left to the garbage collector, the DDP wrapper's destructor drops the last reference to the
+    gloo process group while holding the GIL, and gloo joins a worker thread that needs the GIL
+    to finish its last barrier: the process hangs forever (seen in CI). accelerate's
+    `end_training` destroys the group while the wrapper still lives, so it is not used; the
+    trackers are finished here instead. `wait=False` after an error: another process may be
+    gone, and a barrier would never return.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if wait:
+        accelerator.wait_for_everyone()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.free_memory()  # drops accelerate's references to the wrapper and optimizer
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        from accelerate.state import AcceleratorState
+
+        dist.destroy_process_group()
+        # The next trainer in this process (quickstart, compare) starts a fresh group.
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @contextlib.contextmanager
