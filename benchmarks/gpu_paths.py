@@ -26,7 +26,7 @@ from conftest import build_tokenizer  # noqa: E402  (the tiny real tokenizer the
 
 from potstill.config import load_config  # noqa: E402
 from potstill.data import write_records  # noqa: E402
-from potstill.sections import SFTConfig  # noqa: E402
+from potstill.stages.sft import SFTConfig
 from potstill.teacher.backends import Sampling, complete  # noqa: E402
 from potstill.teacher.hf_backend import HFBackend  # noqa: E402
 from potstill.train.loop import read_metrics  # noqa: E402
@@ -70,7 +70,7 @@ def generation(model_dir: Path) -> tuple[float, float]:
 
 
 def sft(model_dir: Path, data: Path, out: Path, *overrides: str) -> tuple[float, float]:
-    from potstill.train.sft import run_sft
+    from potstill.stages.sft import run_sft
 
     cfg = load_config(
         SFTConfig,

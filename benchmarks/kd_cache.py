@@ -47,8 +47,8 @@ def build_examples(tokenizer, min_tokens: int, pool: int, max_seq_len: int):
     """(record id, Example) for the gsm_symbolic records with the longest solutions, until they
     hold `min_tokens` target tokens."""
     from potstill.data import read_records
+    from potstill.data.examples import build_example
     from potstill.prompts import load_prompt
-    from potstill.train.sft import build_example
 
     system = load_prompt("step_by_step")
     records = read_records(f"rg:gsm_symbolic?size={pool}&seed=1")
@@ -73,10 +73,10 @@ def teacher_logits(examples, work: Path, batch_size: int = 4) -> list[torch.Tens
     """Dense teacher logits (n_i, V) float32 per record, at its target positions."""
     from safetensors.torch import load_file, save_file
 
+    from potstill.data.examples import collate
     from potstill.models import load_model
-    from potstill.teacher.cache_stage import target_hidden
-    from potstill.teacher.cache_stage import target_logits as lm_head
-    from potstill.train.sft import collate
+    from potstill.teacher.topk import target_hidden
+    from potstill.teacher.topk import target_logits as lm_head
 
     key = hashlib.sha256(
         json.dumps([TEACHER, [(rid, ex.input_ids) for rid, ex in examples]]).encode()
@@ -105,7 +105,7 @@ def teacher_logits(examples, work: Path, batch_size: int = 4) -> list[torch.Tens
 def write_variant(path: Path, examples, logits, k, encoding, fingerprint, temperature):
     """Write, open (verify) and read back one cache; returns (cache rows, stats)."""
     from potstill.teacher.cache import CacheWriter, open_cache
-    from potstill.teacher.cache_stage import top_k_rows
+    from potstill.teacher.topk import top_k_rows
 
     meta = {
         "teacher": TEACHER,
@@ -152,12 +152,12 @@ def same_rows(rows, other_rows, atol: float = 1e-6) -> bool:
 def student_pass(examples, logits, variants: dict, grad_names: set[str], temperature: float):
     """KL sums for the dense teacher and every variant; LoRA gradients for the dense teacher and
     the variants in `grad_names`."""
+    from potstill.config.sections import LoraConfig
+    from potstill.data.examples import collate
     from potstill.losses import TeacherLogits, kd_loss
     from potstill.models import apply_lora, load_model
-    from potstill.sections import LoraConfig
-    from potstill.teacher.cache_stage import target_hidden
-    from potstill.teacher.cache_stage import target_logits as lm_head
-    from potstill.train.sft import collate
+    from potstill.teacher.topk import target_hidden
+    from potstill.teacher.topk import target_logits as lm_head
 
     model = load_model(STUDENT, dtype="float32", device="cpu")
     torch.manual_seed(0)
@@ -217,8 +217,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from potstill.models import check_same_vocab, load_tokenizer
+    from potstill.stages.teacher_cache import TeacherCacheConfig
     from potstill.teacher.cache import tokenizer_fingerprint
-    from potstill.teacher.cache_stage import TeacherCacheConfig
 
     default = TeacherCacheConfig()
     tokenizer = load_tokenizer(TEACHER)

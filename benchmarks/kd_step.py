@@ -60,8 +60,8 @@ def _reset_peak() -> None:
 
 def build_items(tokenizer, seqs: int, max_len: int):
     from potstill.data import read_records
-    from potstill.train.distill import Item
-    from potstill.train.sft import build_example
+    from potstill.data.examples import build_example
+    from potstill.train.kd import Item
 
     items = []
     for record in read_records(f"rg:gsm_symbolic?size={4 * seqs}&seed=7"):
@@ -99,13 +99,13 @@ def run_potstill(student, teacher, tokenizer, items, args, clock: StepClock, out
     from rich.console import Console
 
     from potstill.config import load_config
+    from potstill.config.sections import LoraConfig
+    from potstill.data.examples import count_tokens
     from potstill.models import apply_lora
     from potstill.runs import RunDir
-    from potstill.sections import LoraConfig
-    from potstill.train.distill import DistillHooks, collate_items, make_loss_fn, online_teacher
-    from potstill.train.distill_config import DistillConfig
+    from potstill.stages.distill import DistillConfig
+    from potstill.train.kd import DistillHooks, collate_items, make_loss_fn, online_teacher
     from potstill.train.loop import train
-    from potstill.train.sft import count_tokens
 
     cfg = load_config(
         DistillConfig,
@@ -219,7 +219,7 @@ def run_trl_gkd(student, teacher, tokenizer, items, args, clock: StepClock, out:
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from potstill.train.sft import collate
+    from potstill.data.examples import collate
 
     def collator(rows):
         batch = collate([items[r["idx"]].example for r in rows], tokenizer.pad_token_id)

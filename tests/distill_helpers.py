@@ -6,7 +6,7 @@ import torch
 
 from potstill.config import load_config
 from potstill.data import write_records
-from potstill.train.distill_config import DistillConfig
+from potstill.stages.distill import DistillConfig
 
 from .conftest import build_model, build_tokenizer
 
@@ -79,7 +79,7 @@ def cli_args(student, teacher, data, out, *extra):
 def teacher_rows(teacher_dir, cfg: DistillConfig, k: int):
     """record id -> (ids, log_probs) (T, k): the teacher's top k at each predicted target token."""
     from potstill.models import load_model, load_tokenizer
-    from potstill.train.distill import load_items
+    from potstill.stages.distill import load_items
 
     tokenizer = load_tokenizer(teacher_dir)
     model = load_model(teacher_dir, device="cpu")

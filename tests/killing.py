@@ -164,7 +164,7 @@ def plan_targets(rng: random.Random, total: int, n: int) -> list[int]:
 def assert_clean_stop(case: Case, stopped: Stopped, out: Path) -> None:
     """Exit 130, no traceback, one last line that says how to go on; the manifest says
     interrupted."""
-    from potstill.cli import INTERRUPTED_LINE
+    from potstill.cli.app import INTERRUPTED_LINE
 
     assert stopped.returncode == 130, (stopped.returncode, stopped.stderr)
     assert "Traceback" not in stopped.stderr, stopped.stderr

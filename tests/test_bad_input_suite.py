@@ -24,8 +24,7 @@ import pytest
 
 from potstill.config import load_config
 from potstill.data import write_records
-from potstill.sections import GenerateConfig
-from potstill.teacher.generate import run_generate
+from potstill.stages.generate import GenerateConfig, run_generate
 
 from .distill_helpers import cli_args, config, make_teacher_dir, write_cache, write_data
 from .fake_openai import fake_openai

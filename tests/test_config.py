@@ -3,10 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from potstill.cli.verbs import stage_configs
 from potstill.config import describe, dump_yaml, field_help, from_dict, load_config
+from potstill.config.sections import TrainConfig
 from potstill.errors import ConfigError
-from potstill.quickstart import QuickstartConfig
-from potstill.sections import STAGE_CONFIGS, SFTConfig, TrainConfig
+from potstill.stages.quickstart import QuickstartConfig
+from potstill.stages.sft import SFTConfig
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -94,10 +96,10 @@ def test_lists_and_optionals():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     stage = path.stem.split("-")[0]
-    assert stage in STAGE_CONFIGS, (
-        f"{path.name}: name it after its stage ({', '.join(STAGE_CONFIGS)})"
+    assert stage in stage_configs(), (
+        f"{path.name}: name it after its stage ({', '.join(stage_configs())})"
     )
-    load_config(STAGE_CONFIGS[stage], path)
+    load_config(stage_configs()[stage], path)
 
 
 def test_shipped_quickstart_yaml_matches_the_defaults():

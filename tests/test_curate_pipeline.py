@@ -11,10 +11,11 @@ import pytest
 from rich.console import Console
 
 from potstill.config import from_dict, load_config
-from potstill.curate.pipeline import STEP_ORDER, CurateConfig, curate_records, run_curate
+from potstill.curate.pipeline import STEP_ORDER, curate_records
 from potstill.curate.rewrite import FAILED_VERIFICATION, REWRITTEN, rewrite_traces
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, DataError
+from potstill.stages.curate import CurateConfig, run_curate
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 from .curate_samples import LONG_TRACE, ids, reasons, sample

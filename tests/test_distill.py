@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potstill.train.distill import run_distill
+from potstill.stages.distill import run_distill
 from potstill.train.loop import read_metrics
 from potstill.train.onpolicy import uses_student_sample
 
@@ -126,9 +126,9 @@ def test_on_policy_coin_is_seeded_and_near_lambda():
 
 
 def test_teacher_gets_no_gradients(pair):
+    from potstill.data.examples import build_example
     from potstill.models import load_model
-    from potstill.train.distill import Item, collate_items, make_loss_fn, online_teacher
-    from potstill.train.sft import build_example
+    from potstill.train.kd import Item, collate_items, make_loss_fn, online_teacher
 
     student_dir, teacher_dir, data, root = pair
     cfg = config(student_dir, teacher_dir, data, root / "unused")

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from potstill.data import write_records
-from potstill.train.distill import run_distill
+from potstill.stages.distill import run_distill
 
 from .conftest import assert_one_line_error, run_cli
 from .distill_helpers import cli_args, config, make_teacher_dir, write_cache, write_data
@@ -116,7 +116,7 @@ def test_resume_with_a_changed_config_names_every_changed_key(pair, tmp_path):
 
 def test_a_section_given_in_part_keeps_the_stage_defaults():
     from potstill.config import load_config
-    from potstill.train.distill_config import DistillConfig
+    from potstill.stages.distill import DistillConfig
 
     cfg = load_config(DistillConfig, overrides=["student.name=my/model", "train.max_steps=3"])
     assert cfg.student.lora is not None and cfg.student.lora.r == 16  # distill's default: LoRA

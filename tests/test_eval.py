@@ -8,12 +8,13 @@ import json
 import pytest
 
 from potstill.config import load_config
-from potstill.curate.verifiers import check_gold
 from potstill.data import read_records, read_shards, write_records
+from potstill.data.verifiers import check_gold
 from potstill.errors import ConfigError, DataError
 from potstill.eval.bench import maj_at_k, pass_at_k, score_samples
 from potstill.eval.cost import price_per_1k_answers
-from potstill.eval.run import EvalConfig, answers_dir, run_eval
+from potstill.eval.results import answers_dir
+from potstill.stages.eval import EvalConfig, run_eval
 
 from .conftest import assert_one_line_error, run_cli
 

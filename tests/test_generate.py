@@ -14,10 +14,10 @@ import pytest
 
 from potstill.config import load_config
 from potstill.data import read_shards, write_records
-from potstill.sections import GenerateConfig
-from potstill.serve import start_server
-from potstill.teacher.generate import run_generate, sample_seed
+from potstill.data.seeds import sample_seed
+from potstill.stages.generate import GenerateConfig, run_generate
 from potstill.teacher.hf_backend import HFBackend
+from potstill.teacher.serve import start_server
 
 from .conftest import assert_one_line_error, build_model, build_tokenizer, run_cli
 

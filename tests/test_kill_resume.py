@@ -61,8 +61,7 @@ def generate_setup(model_dir, tmp):
 
 
 def generate_reference(overrides):
-    from potstill.sections import GenerateConfig
-    from potstill.teacher.generate import run_generate
+    from potstill.stages.generate import GenerateConfig, run_generate
 
     run_generate(load_config(GenerateConfig, overrides=overrides), QUIET)
 
@@ -119,7 +118,7 @@ def curate_setup(model_dir, tmp):
 
 
 def curate_reference(overrides):
-    from potstill.curate.pipeline import CurateConfig, run_curate
+    from potstill.stages.curate import CurateConfig, run_curate
 
     run_curate(load_config(CurateConfig, overrides=overrides), QUIET)
 
@@ -177,7 +176,7 @@ def cache_setup(model_dir, tmp):
 
 
 def cache_reference(overrides):
-    from potstill.teacher.cache_stage import TeacherCacheConfig, run_teacher_cache
+    from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
     run_teacher_cache(load_config(TeacherCacheConfig, overrides=overrides), QUIET)
 
@@ -220,8 +219,7 @@ def sft_setup(model_dir, tmp):
 
 
 def sft_reference(overrides):
-    from potstill.sections import SFTConfig
-    from potstill.train.sft import run_sft
+    from potstill.stages.sft import SFTConfig, run_sft
 
     run_sft(load_config(SFTConfig, overrides=overrides), QUIET)
 
@@ -235,8 +233,7 @@ def distill_setup(model_dir, tmp):
 
 
 def distill_reference(overrides):
-    from potstill.train.distill import run_distill
-    from potstill.train.distill_config import DistillConfig
+    from potstill.stages.distill import DistillConfig, run_distill
 
     run_distill(load_config(DistillConfig, overrides=overrides), QUIET)
 
@@ -287,8 +284,7 @@ def rlt_train_setup(model_dir, tmp):
 
 
 def rlt_train_reference(overrides):
-    from potstill.rlt.config import RLTTrainConfig
-    from potstill.rlt.train import run_rlt_train
+    from potstill.stages.rlt_train import RLTTrainConfig, run_rlt_train
 
     run_rlt_train(load_config(RLTTrainConfig, overrides=overrides), QUIET)
 

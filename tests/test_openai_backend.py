@@ -8,10 +8,10 @@ import httpx
 import pytest
 
 from potstill.errors import ConfigError
-from potstill.serve import start_server
 from potstill.teacher.backends import Request, Sampling
 from potstill.teacher.hf_backend import HFBackend
 from potstill.teacher.openai_backend import EndpointError, OpenAIBackend
+from potstill.teacher.serve import start_server
 
 from .conftest import build_model, build_tokenizer
 

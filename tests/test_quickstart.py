@@ -12,7 +12,7 @@ from rich.console import Console
 from potstill.config import load_config
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError
-from potstill.quickstart import STAGES, QuickstartConfig, run_quickstart
+from potstill.stages.quickstart import STAGES, QuickstartConfig, run_quickstart
 
 
 def _questions(path, prefix: str, n: int, first: int = 0):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from potstill.config.sections import ModelConfig
 from potstill.errors import ConfigError, DataError, ModelError
 from potstill.rlt import (
     RewardConfig,
@@ -25,8 +26,8 @@ from potstill.rlt import (
 )
 from potstill.rlt.prompts import align_groups
 from potstill.rlt.rewards import prepare
-from potstill.rlt.score import RLTScoreConfig, run_score, score_records
-from potstill.sections import ModelConfig
+from potstill.rlt.score import score_records
+from potstill.stages.rlt_score import RLTScoreConfig, run_score
 
 from .conftest import build_model, build_tokenizer
 

@@ -144,8 +144,7 @@ def test_vocab_mismatch_is_refused(tiny_model_dir, other_vocab_dir, tmp_path):
 def test_warmup_learns_the_explanation_only(tiny_model_dir, tmp_path):
     from potstill.losses.reduce import IGNORE_INDEX
     from potstill.models import load_tokenizer
-    from potstill.rlt.config import RLTWarmupConfig
-    from potstill.rlt.warmup import warmup_examples
+    from potstill.stages.rlt_warmup import RLTWarmupConfig, warmup_examples
 
     tok = load_tokenizer(tiny_model_dir)
     rows = [{**QUESTIONS[0], "explanation": "Add 0 and 25."}]

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import potstill
+from potstill.cli.verbs import stage_configs
 from potstill.config import load_config
 from potstill.errors import ConfigError, ModelError
-from potstill.sections import STAGE_CONFIGS, GenerateConfig
-from potstill.teacher.generate import run_generate
+from potstill.stages.generate import GenerateConfig, run_generate
 
 from .conftest import assert_one_line_error, build_model, build_tokenizer, run_cli
 from .fake_openai import fake_openai
@@ -113,12 +113,12 @@ def _instances(obj, path="cfg"):
 
 
 def test_trust_remote_code_is_off_by_default_in_every_config():
-    classes = set().union(*(_dataclasses_of(cls) for cls in STAGE_CONFIGS.values()))
+    classes = set().union(*(_dataclasses_of(cls) for cls in stage_configs().values()))
     with_flag = [cls for cls in classes if "trust_remote_code" in cls.__dataclass_fields__]
     assert with_flag, "expected ModelConfig at least"
     for cls in with_flag:
         assert cls.__dataclass_fields__["trust_remote_code"].default is False, cls
-    for stage, cls in STAGE_CONFIGS.items():
+    for stage, cls in stage_configs().items():
         for path, section in _instances(cls(), stage):
             if hasattr(section, "trust_remote_code"):
                 assert section.trust_remote_code is False, path
@@ -154,8 +154,8 @@ def test_trust_remote_code_is_never_hard_coded_true():
 def test_trust_remote_code_is_passed_as_given(flag, tiny_model_dir, monkeypatch):
     import transformers
 
+    from potstill.config.sections import ModelConfig
     from potstill.models import load_configured
-    from potstill.sections import ModelConfig
 
     seen = []
     for loader in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):

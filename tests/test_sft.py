@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from potstill.data import write_records
+from potstill.data.examples import build_example, collate, count_tokens, pack
 from potstill.losses.reduce import IGNORE_INDEX
+from potstill.train.fit import sft_loss
 from potstill.train.loop import read_metrics
-from potstill.train.sft import build_example, collate, count_tokens, pack, sft_loss
 
 from .conftest import build_model, build_tokenizer, run_cli
 
@@ -169,9 +170,10 @@ def test_an_interrupt_mid_step_checkpoints_the_rng_of_the_last_finished_step(
     uninterrupted one and its losses differed from the step after the checkpoint on."""
     from rich.console import Console
 
-    import potstill.train.sft as sft
+    import potstill.stages.sft as sft
+    import potstill.train.fit as fit
     from potstill.config import load_config
-    from potstill.sections import SFTConfig
+    from potstill.stages.sft import SFTConfig
 
     data = _records(tmp_path / "kept.jsonl")
 
@@ -181,7 +183,7 @@ def test_an_interrupt_mid_step_checkpoints_the_rng_of_the_last_finished_step(
         sft.run_sft(load_config(SFTConfig, overrides=overrides), Console(quiet=True))
 
     run(tmp_path / "full")
-    real_loss, calls = sft.sft_loss, []
+    real_loss, calls = fit.sft_loss, []
 
     def interrupted_loss(model, batch, window_tokens):
         calls.append(1)
@@ -190,10 +192,10 @@ def test_an_interrupt_mid_step_checkpoints_the_rng_of_the_last_finished_step(
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(sft, "sft_loss", interrupted_loss)
+    monkeypatch.setattr(fit, "sft_loss", interrupted_loss)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
-    monkeypatch.setattr(sft, "sft_loss", real_loss)
+    monkeypatch.setattr(fit, "sft_loss", real_loss)
     saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert saved == ["step-000002"]
     run(tmp_path / "cut")

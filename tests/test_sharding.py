@@ -11,13 +11,14 @@ import types
 import pytest
 
 from potstill.config import load_config
+from potstill.config.sections import BackendConfig, ModelConfig, VLLMConfig
 from potstill.data import read_shards, write_records
 from potstill.data.sharding import Shard, parse_shard, shard_of
 from potstill.errors import ConfigError, DataError
-from potstill.eval.run import EvalConfig, answers_dir, run_eval
-from potstill.sections import BackendConfig, GenerateConfig, ModelConfig, VLLMConfig
+from potstill.eval.results import answers_dir
+from potstill.stages.eval import EvalConfig, run_eval
+from potstill.stages.generate import GenerateConfig, run_generate
 from potstill.teacher.backends import Backend, Request, Sampling
-from potstill.teacher.generate import run_generate
 
 from .conftest import assert_one_line_error, run_cli
 from .fake_openai import fake_openai

@@ -20,7 +20,7 @@ from potstill.losses import forward_kl, sparse_divergence
 from potstill.models import load_tokenizer
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
 from potstill.teacher.cache_format import ENCODINGS, Q8_STEP, Codec, shard_bytes
-from potstill.teacher.cache_stage import top_k_rows
+from potstill.teacher.topk import top_k_rows
 
 V = 320
 
@@ -128,7 +128,7 @@ WORKER = textwrap.dedent(
     import sys, time
     import torch
     from potstill.teacher.cache import CacheWriter
-    from potstill.teacher.cache_stage import top_k_rows
+    from potstill.teacher.topk import top_k_rows
     out, n = sys.argv[1], int(sys.argv[2])
     meta = {"teacher": "t", "tokenizer_fingerprint": "f", "vocab_size": 320, "k": 8,
             "temperature": 1.0, "encoding": "packed-q8"}

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from potstill.data import write_records
+from potstill.data.examples import build_example
 from potstill.errors import ConfigError, DataError
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.models import load_model, load_tokenizer
+from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
 from potstill.teacher.cache import open_cache, tokenizer_fingerprint
-from potstill.teacher.cache_stage import TeacherCacheConfig, run_teacher_cache
-from potstill.train.sft import build_example
 
 from .conftest import assert_one_line_error, build_tokenizer, run_cli
 from .test_teacher_cache import V, _header, _shards

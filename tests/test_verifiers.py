@@ -1,6 +1,6 @@
 import pytest
 
-from potstill.curate.verifiers import extract_answer, verify
+from potstill.data.verifiers import extract_answer, verify
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from potstill.config.sections import LoraConfig, ModelConfig
 from potstill.errors import ModelError
 from potstill.fsutil import file_lock, sha256_file
 from potstill.kit.convert import check_gguf, convert_gguf, is_converted
 from potstill.kit.prepare import prepare, prepare_tokenizer
 from potstill.kit.registry import KIT, closest_kit_name
 from potstill.paths import cache_dir
-from potstill.sections import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

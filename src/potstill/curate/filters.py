@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from potstill.curate.verifiers import find_answer, verify
+from potstill.data.verifiers import find_answer, verify
 
 Split = tuple[list[dict], list[dict]]
 """(kept, dropped), each in input order."""

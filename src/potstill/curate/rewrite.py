@@ -19,8 +19,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from potstill.curate.verifiers import verify
 from potstill.data import ShardWriter, read_shards
+from potstill.data.verifiers import verify
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 REWRITTEN = "rewritten"

@@ -26,11 +26,11 @@ from potstill.errors import ConfigError, DataError
 from potstill.eval.cost import price_per_1k_answers
 from potstill.fsutil import atomic_write_text
 from potstill.runs import RunDir
-from potstill.teacher.generate import build_requests
+from potstill.teacher.requests import build_requests
 
 
 def merge_eval(cfg, tasks: dict[str, list[dict]], console: Console) -> dict:
-    from potstill.eval.run import _collect, answers_dir, print_results, slug
+    from potstill.eval.results import answers_dir, collect_results, print_results, slug
 
     out = cfg.run.output_dir
     count, dirs = shard_dirs(out)
@@ -73,7 +73,7 @@ def merge_eval(cfg, tasks: dict[str, list[dict]], console: Console) -> dict:
             cost_path = run.path / "cost" / f"{slug(model.label)}.json"
             cost_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cost_path, json.dumps(costs[model.label], indent=2) + "\n")
-        report = _collect(cfg, run, costs, tasks)
+        report = collect_results(cfg, run, costs, tasks)
         atomic_write_text(run.path / "eval.json", json.dumps(report, indent=2) + "\n")
         run.count(results=len(report["results"]), shards=count)
     console.print(f"[green]merged[/] {count} shards into {out}")
@@ -103,7 +103,7 @@ def merged_cost(parts: list[tuple[int, dict]], usd_per_hour: float) -> dict:
 
 def import_shard_answers(cfg, run_path: Path, tasks: dict[str, list[dict]], console) -> None:
     """An unsharded eval over a directory with shards: take the answers they already hold."""
-    from potstill.eval.run import answers_dir
+    from potstill.eval.results import answers_dir
 
     dirs = shard_dirs(run_path)[1]
     if not dirs:

@@ -7,13 +7,10 @@ sit at the top of each config under the same names as in `rlt score`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from potstill.config import check
-from potstill.rlt.prompts import RLTTags
-from potstill.rlt.rewards import RewardConfig
-from potstill.sections import BackendConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 
 KIT_05B = "qwen2.5-coder-0.5b-instruct"
 
@@ -75,45 +72,6 @@ class GRPOConfig:
 
 
 @dataclass
-class RLTWarmupConfig:
-    """Supervised warm-up of the teacher on explanations in its own format (loss on the
-    explanation and its closing tag only)."""
-
-    teacher: ModelConfig = field(
-        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
-    )
-    data: RLTDataConfig = field(default_factory=RLTDataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, grad_accum=4))
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_warmup"))
-    tags: RLTTags = field(default_factory=RLTTags)
-    teacher_system_prompt: str | None = "rlt_teacher"
-    """Bundled prompt name or .txt file (null = none)."""
-
-
-@dataclass
-class RLTTrainConfig:
-    """GRPO on the teacher with the RLT reward for a fixed student."""
-
-    teacher: ModelConfig = field(
-        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
-    )
-    """The policy: a model spec, or a warm-up's final/ directory."""
-    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
-    """The frozen student whose log-probs make the reward."""
-    data: RLTDataConfig = field(default_factory=RLTDataConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(lr=1e-5, grad_accum=2, warmup_ratio=0.0, save_every=5)
-    )
-    """micro_batch_size = questions per micro-batch (each sampled group_size times)."""
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_train"))
-    tags: RLTTags = field(default_factory=RLTTags)
-    teacher_system_prompt: str | None = "rlt_teacher"
-    student_system_prompt: str | None = "rlt_student"
-
-
-@dataclass
 class ExplainSampling:
     num_explanations: int = 4
     """N: explanations written per question."""
@@ -133,33 +91,3 @@ class ExplainSampling:
         check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
-
-
-@dataclass
-class RLTExplainConfig:
-    """The teacher writes N explanations per (question, solution); optionally keep the best one
-    by RLT reward for a given student; output records are student training data."""
-
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
-    """The (trained) teacher: a model spec or a `rlt train` final/ directory."""
-    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
-    """The student the explanations are scored for (select: best, or score: true)."""
-    backend: BackendConfig = field(default_factory=BackendConfig)
-    data: RLTDataConfig = field(default_factory=RLTDataConfig)
-    sampling: ExplainSampling = field(default_factory=ExplainSampling)
-    select: Literal["all", "best"] = "all"
-    """all: keep every explanation; best: per question the one with the highest RLT reward."""
-    score: bool = False
-    """Add the RLT reward to every explanation even when select is all."""
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    reward_batch_size: int = 8
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_explain"))
-    tags: RLTTags = field(default_factory=RLTTags)
-    teacher_system_prompt: str | None = "rlt_teacher"
-    student_system_prompt: str | None = "rlt_student"
-
-    def __post_init__(self):
-        check(
-            self.reward_batch_size > 0,
-            f"reward_batch_size: must be > 0, got {self.reward_batch_size}",
-        )

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from potstill.data.seeds import rollout_seed
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.rlt.config import GRPOConfig
 from potstill.rlt.prompts import RLTTags, Sample, system_prompt, teacher_request
@@ -39,7 +40,6 @@ from potstill.rlt.rewards import RewardConfig, RLTModels, reward_batch
 from potstill.teacher.backends import Sampling
 from potstill.teacher.hf_backend import HFBackend, render_prompt
 from potstill.train.loop import StepHooks
-from potstill.train.onpolicy import sample_seed
 
 ADVANTAGE_EPS = 1e-4
 
@@ -210,7 +210,7 @@ class GRPOHooks(StepHooks):
         requests = [
             teacher_request(
                 f"{q.id}#{k}", q.question, q.solution, tags=self.tags, system=self.system,
-                seed=sample_seed(self.seed, micro_batch, i * g + k),
+                seed=rollout_seed(self.seed, micro_batch, i * g + k),
             )
             for i, q in enumerate(items)
             for k in range(g)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from potstill.config import check
+from potstill.data.chat import render_chat
 from potstill.errors import DataError
 from potstill.prompts import load_prompt
 from potstill.teacher.backends import Request
@@ -100,15 +101,11 @@ def _messages(system: str | None, question: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + user
 
 
-def render_prompt(tokenizer, system: str | None, question: str) -> str:
-    """System + user through the chat template, ending where the assistant starts writing.
-
-    Rendered by the `hf` backend's own function, so the text scored is the text the teacher was
-    prompted with (including its plain format for base models without a chat template).
-    """
-    from potstill.teacher.hf_backend import render_prompt as render
-
-    return render(tokenizer, Request(key="", messages=tuple(_messages(system, question))))
+def render_question(tokenizer, system: str | None, question: str) -> str:
+    """System + user through the chat template, ending where the assistant starts writing:
+    the text every backend prompts with (`data.chat.render_chat`), so the text scored is the
+    text the teacher was prompted with."""
+    return render_chat(tokenizer, _messages(system, question))
 
 
 def teacher_prefill(solution: str, tags: RLTTags = RLTTags()) -> str:
@@ -169,7 +166,7 @@ def build_teacher_text(
     The closing tag is kept when the teacher wrote it because BPE may merge the explanation's last
     characters with it: the tokens scored are then the ones the teacher actually produced.
     """
-    prompt = render_prompt(tokenizer, system, question)
+    prompt = render_question(tokenizer, system, question)
     sol_start = len(prompt) + len(tags.solution_start)
     head = prompt + teacher_prefill(solution, tags)
     text = head + explanation + (tags.explanation_end if closed else "")
@@ -190,7 +187,7 @@ def build_student_text(
     system: str | None = None,
 ) -> RLTText:
     """The student's context: prompt + the explanation as its thought + the solution."""
-    prompt = render_prompt(tokenizer, system, question)
+    prompt = render_question(tokenizer, system, question)
     expl_start = len(prompt) + len(tags.thought_start)
     expl_end = expl_start + len(explanation)
     sol_start = expl_end + len(tags.thought_end) + len(SEPARATOR) + len(tags.solution_start)

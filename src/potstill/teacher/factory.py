@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from potstill.sections import BackendConfig, ModelConfig
+from potstill.config.sections import BackendConfig, ModelConfig
 from potstill.teacher.backends import Backend
 
 

@@ -15,19 +15,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from potstill.data.chat import render_chat
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 
 def render_prompt(tokenizer, request: Request) -> str:
     """The request's messages through the model's chat template, ready for the assistant turn."""
-    messages = list(request.messages)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # a base model: plain text, with the BOS a chat template would have added
-        system = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
-        user = "\n\n".join(m["content"] for m in messages if m["role"] == "user")
-        text = f"{tokenizer.bos_token or ''}{system}Question: {user}\nAnswer:"
-    return text + request.prefill
+    return render_chat(tokenizer, request.messages, request.prefill)
 
 
 def sample_rows(

@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from potstill.config.sections import TrainConfig
 from potstill.runs import RunDir
-from potstill.sections import TrainConfig
 from potstill.train.checkpoint import (
     LoopState,
     list_checkpoints,

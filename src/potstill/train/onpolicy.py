@@ -14,23 +14,18 @@ import dataclasses
 
 import torch
 
+from potstill.data.examples import Example, build_example
+from potstill.data.seeds import ROLLOUT_MIX, rollout_seed
 from potstill.teacher.backends import Request, Sampling
 from potstill.teacher.hf_backend import HFBackend
-from potstill.train.sft import Example, build_example
-
-_MIX = 1_000_003  # spreads (seed, micro-batch, row) over distinct generator seeds
 
 
 def uses_student_sample(seed: int, micro_batch: int, lmbda: float) -> bool:
     """Whether micro-batch `micro_batch` is on-policy: a seeded coin with P(heads) = λ."""
     if lmbda <= 0.0:
         return False
-    gen = torch.Generator().manual_seed((seed * _MIX + micro_batch) % (1 << 63))
+    gen = torch.Generator().manual_seed((seed * ROLLOUT_MIX + micro_batch) % (1 << 63))
     return bool(torch.rand((), generator=gen) < lmbda)
-
-
-def sample_seed(seed: int, micro_batch: int, row: int) -> int:
-    return ((seed * _MIX + micro_batch) * 1024 + row + 1) % (1 << 63)
 
 
 def student_samples(
@@ -81,7 +76,7 @@ def on_policy_rollout(items: list, model, tokenizer, *, seed: int, micro_batch: 
         model,
         tokenizer,
         [item.messages for item in items],
-        seeds=[sample_seed(seed, micro_batch, row) for row in range(len(items))],
+        seeds=[rollout_seed(seed, micro_batch, row) for row in range(len(items))],
         sampling=sampling,
         max_len=max_len,
     )

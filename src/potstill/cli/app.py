@@ -23,9 +23,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from potstill.cli_options import ConfigOpt, ResumeOpt, SetOpt, console
-from potstill.cli_rlt import rlt_app
-from potstill.errors import ConfigError, PotstillError
+from potstill.cli.options import ConfigOpt, SetOpt, console
+from potstill.cli.rlt import CUSTOM, rlt_app
+from potstill.cli.stages import load_stage_config, register_stages
+from potstill.cli.verbs import get_verb
+from potstill.errors import PotstillError
 
 try:  # newer typer carries its own copy of click; its commands raise that copy's exceptions
     from typer._click.exceptions import ClickException
@@ -52,6 +54,7 @@ for sub, name in (
     (rlt_app, "rlt"),
 ):
     app.add_typer(sub, name=name)
+register_stages(app, {"teacher": teacher_app, "rlt": rlt_app}, custom=CUSTOM)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """Write errors a user fixes by freeing space: one line, exit 2, like any other input problem."""
@@ -133,105 +136,20 @@ def data_check(
     )
 
 
-def _stage_config(stage: str):
-    from potstill.sections import STAGE_CONFIGS
-
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"no config for stage '{stage}'; stages: {', '.join(STAGE_CONFIGS)}")
-    return STAGE_CONFIGS[stage]
-
-
 @config_app.command("show")
 def config_show(stage: str) -> None:
     """The defaults for a stage, as YAML with each key's help."""
     from potstill.config import describe
 
-    print(describe(_stage_config(stage)()))
+    print(describe(get_verb(stage).config_class()()))
 
 
 @config_app.command("check")
 def config_check(stage: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Validate a config file (and overrides) for a stage; print the resolved config."""
-    from potstill.config import dump_yaml, load_config
+    from potstill.config import dump_yaml
 
-    print(dump_yaml(load_config(_stage_config(stage), config, set_ or [])), end="")
-
-
-@app.command()
-def quickstart(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The main job, offline on CPU: baseline eval, teacher traces, curation, student
-    fine-tuning, eval again, HTML report."""
-    from potstill.config import load_config
-    from potstill.quickstart import QuickstartConfig, run_quickstart
-
-    run_quickstart(load_config(QuickstartConfig, config, set_ or []), console)
-
-
-ShardOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--shard",
-        metavar="I/N",
-        help="Do shard I of N (0-based; records split by a hash of their id) in "
-        "OUTPUT_DIR/shards/I-of-N; merge with --merge once all N finished.",
-    ),
-]
-MergeOpt = Annotated[
-    bool,
-    typer.Option("--merge", help="Merge the finished shards into OUTPUT_DIR (no model loaded)."),
-]
-
-
-@app.command()
-def generate(
-    config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None, merge: MergeOpt = False
-) -> None:
-    """Teacher generation: N samples per record (hf, vllm or an OpenAI-compatible endpoint)."""
-    from potstill.config import load_config
-    from potstill.data.sharding import parse_shard
-    from potstill.sections import GenerateConfig
-    from potstill.teacher.generate import run_generate
-
-    part = parse_shard(shard) if shard is not None else None
-    cfg = load_config(GenerateConfig, config, set_ or [])
-    run_generate(cfg, console, shard=part, merge=merge)
-
-
-@app.command()
-def sft(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
-    """Fine-tune a student on records (loss on the target only); reruns resume automatically."""
-    from potstill.config import load_config
-    from potstill.sections import SFTConfig
-    from potstill.train.sft import run_sft
-
-    run_sft(load_config(SFTConfig, config, set_ or []), console, resume=resume)
-
-
-@app.command()
-def distill(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    resume: ResumeOpt = False,
-) -> None:
-    """Logit distillation (teacher online, from an offline cache, or on-policy); reruns resume."""
-    from potstill.config import load_config
-    from potstill.train.distill import run_distill
-    from potstill.train.distill_config import DistillConfig
-
-    run_distill(load_config(DistillConfig, config, set_ or []), console, resume=resume)
-
-
-@app.command()
-def curate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Verify, filter, deduplicate and select teacher samples; prints the funnel."""
-    from potstill.config import load_config
-    from potstill.curate.pipeline import CurateConfig, run_curate
-
-    run_curate(load_config(CurateConfig, config, set_ or []), console)
+    print(dump_yaml(load_stage_config(stage, config, set_ or [])), end="")
 
 
 @app.command()
@@ -248,31 +166,9 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat completions)."""
-    from potstill.serve import serve_main
+    from potstill.teacher.serve import serve_main
 
     serve_main(model, host, port, batch_size, model_name=model_name, api_key_env=api_key_env)
-
-
-@teacher_app.command("cache")
-def teacher_cache(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Cache the teacher's top-k log-probs per target token (offline logit KD); reruns resume."""
-    from potstill.config import load_config
-    from potstill.teacher.cache_stage import TeacherCacheConfig, run_teacher_cache
-
-    run_teacher_cache(load_config(TeacherCacheConfig, config, set_ or []), console)
-
-
-@app.command("eval")
-def eval_(
-    config: ConfigOpt = None, set_: SetOpt = None, shard: ShardOpt = None, merge: MergeOpt = False
-) -> None:
-    """Accuracy (pass@k, maj@k) of models on held-out tasks with real verifiers, and their cost."""
-    from potstill.config import load_config
-    from potstill.data.sharding import parse_shard
-    from potstill.eval.run import EvalConfig, run_eval
-
-    part = parse_shard(shard) if shard is not None else None
-    run_eval(load_config(EvalConfig, config, set_ or []), console, shard=part, merge=merge)
 
 
 @app.command()

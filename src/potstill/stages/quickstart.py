@@ -20,36 +20,25 @@ from rich.console import Console
 from rich.table import Table
 
 from potstill.config import check
-from potstill.curate.pipeline import (
-    CurateConfig,
-    DedupConfig,
-    FormatConfig,
-    SelectConfig,
-    run_curate,
-)
-from potstill.data import read_records, write_records
-from potstill.errors import DataError
-from potstill.eval.run import (
-    CostConfig,
-    EvalConfig,
-    EvalModel,
-    EvalTask,
-    answers_dir,
-    normal_question,
-    run_eval,
-)
-from potstill.runs import RunDir
-from potstill.sections import (
+from potstill.config.sections import (
     DataConfig,
     GenerationConfig,
     LoraConfig,
     ModelConfig,
     RunConfig,
-    SFTConfig,
     SFTDataConfig,
     TrainConfig,
 )
-from potstill.train.sft import run_sft
+from potstill.curate.pipeline import DedupConfig, FormatConfig, SelectConfig
+from potstill.data import read_records, write_records
+from potstill.errors import DataError
+from potstill.eval.config import CostConfig, EvalModel, EvalTask
+from potstill.eval.results import answers_dir
+from potstill.eval.tasks import normal_question
+from potstill.runs import RunDir
+from potstill.stages.curate import CurateConfig, run_curate
+from potstill.stages.eval import EvalConfig, run_eval
+from potstill.stages.sft import SFTConfig, run_sft
 
 TASK = "rg:basic_arithmetic?min_terms=2&max_terms=4&min_digits=1&max_digits=2"
 

@@ -22,10 +22,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 
-from potstill.data import read_records
-from potstill.errors import ConfigError, DataError, ModelError
+from potstill.data.examples import Example, collate
+from potstill.errors import ConfigError, ModelError
 from potstill.losses import (
     Balance,
     Schedule,
@@ -35,12 +34,9 @@ from potstill.losses import (
     chunked_kd_loss,
 )
 from potstill.losses.reduce import IGNORE_INDEX
-from potstill.runs import RunDir, check_same_config
-from potstill.train.checkpoint import check_resumable
-from potstill.train.distill_config import DistillConfig, KDRatioConfig
+from potstill.train.kd_config import KDRatioConfig
 from potstill.train.loop import StepHooks
-from potstill.train.offline_teacher import cache_rows, open_teacher_cache
-from potstill.train.sft import Example, collate, count_tokens, record_examples
+from potstill.train.offline_teacher import cache_rows
 
 
 @dataclass
@@ -51,27 +47,6 @@ class Item:
     """The prompt (system + user), for on-policy samples."""
     sampled: bool = False
     """The target is the student's own sample (on-policy)."""
-
-
-def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int]]:
-    """One item per record with a target token left after truncation (the others are counted)."""
-    data = cfg.data
-    records = read_records(data.source, limit=data.limit)
-    built = record_examples(records, data, tokenizer, cfg.train.max_seq_len, where=data.source)
-    items = [Item(ex, str(rec["id"]), msgs) for rec, msgs, ex in built if ex is not None]
-    skipped = len(records) - len(items)
-    if not items:
-        raise DataError(
-            f"{data.source}: no record has a target token within train.max_seq_len="
-            f"{cfg.train.max_seq_len}; raise it"
-        )
-    counts = {
-        "records": len(records),
-        "skipped_no_target_tokens": skipped,
-        "sequences": len(items),
-        "target_tokens": sum(i.example.target_tokens for i in items),
-    }
-    return items, counts
 
 
 def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch.Tensor]:
@@ -102,7 +77,7 @@ def make_kd_ratio(cfg: KDRatioConfig):
 class DistillHooks(StepHooks):
     """α per step (schedule, balance) and on-policy samples, both resumable."""
 
-    def __init__(self, cfg: DistillConfig, tokenizer):
+    def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.strategy = make_kd_ratio(cfg.loss.kd_ratio)
         self.kd_ratio = self.strategy  # a number, or TeacherConfidence (evaluated per token)
@@ -173,7 +148,7 @@ def offline_teacher(batch, mask) -> TeacherTopK:
     return TeacherTopK(batch["teacher_ids"], batch["teacher_log_probs"])
 
 
-def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
+def make_loss_fn(cfg, teacher_of, hooks: DistillHooks):
     """(model, micro_batch, window_tokens) -> (loss, parts) for the shared loop."""
     loss_cfg, params = cfg.loss, cfg.loss.divergence_params()
 
@@ -226,7 +201,7 @@ def make_loss_fn(cfg: DistillConfig, teacher_of, hooks: DistillHooks):
     return kd_step_loss
 
 
-def load_teacher(cfg: DistillConfig, student_vocab: int, device):
+def load_teacher(cfg, student_vocab: int, device):
     """The online teacher, one copy per process: beside the student (`device`) unless
     teacher.model.device names a device of its own."""
     from potstill.models import load_model
@@ -244,74 +219,3 @@ def load_teacher(cfg: DistillConfig, student_vocab: int, device):
             "distillation needs one vocabulary; pick models of one family"
         )
     return teacher
-
-
-def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import apply_lora, check_same_vocab, load_model, load_tokenizer
-    from potstill.train.loop import train
-    from potstill.train.save import save_final
-
-    console = console or Console(stderr=True)
-    check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
-    if resume:
-        check_resumable(cfg.run.output_dir)
-    tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
-    online = cfg.teacher.mode != "offline"
-    if online:
-        spec = cfg.teacher.model
-        check_same_vocab(
-            load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code), tokenizer
-        )
-    items, counts = load_items(cfg, tokenizer)
-    console.print(
-        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
-        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
-    )
-    student = load_model(
-        cfg.student.name,
-        dtype=cfg.student.dtype,
-        device=cfg.student.device,
-        trust_remote_code=cfg.student.trust_remote_code,
-    )
-    vocab = student.get_output_embeddings().weight.shape[0]
-    cache = None
-    if not online:
-        rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
-        cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
-    device = student.device
-    teacher = load_teacher(cfg, vocab, device) if online else None
-    if cfg.student.lora:
-        torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
-        student = apply_lora(student, cfg.student.lora)
-        if cfg.train.gradient_checkpointing:
-            student.enable_input_require_grads()
-    hooks = DistillHooks(cfg, tokenizer)
-    teacher_of = online_teacher(teacher, device) if online else offline_teacher
-    pad_id = tokenizer.pad_token_id or 0
-    inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])
-    with RunDir(cfg.run.output_dir, command="distill", config=cfg, inputs=inputs) as run:
-        run.count(**counts)
-        with run.timed("train"):
-            result = train(
-                cfg=cfg.train,
-                model=student,
-                examples=items,
-                collate=lambda batch: collate_items(batch, pad_id, cache),
-                count_tokens=count_tokens,
-                loss_fn=make_loss_fn(cfg, teacher_of, hooks),
-                run=run,
-                log_with=cfg.run.log_with,
-                console=console,
-                require_checkpoint=resume,
-                hooks=hooks,
-            )
-        final = save_final(
-            student,
-            tokenizer,
-            run.path / "final",
-            merge=cfg.train.merge_lora,
-            base_spec=cfg.student.name,
-        )
-        run.count(steps=result["step"], final_loss=result.get("loss", math.nan))
-    console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
-    return result

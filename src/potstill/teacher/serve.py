@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from potstill.errors import ConfigError, PotstillError
-from potstill.serve_protocol import ChatJob, RequestError, parse_chat_request, unauthorized
 from potstill.teacher.backends import Backend, Sampling
+from potstill.teacher.serve_protocol import ChatJob, RequestError, parse_chat_request, unauthorized
 
 logger = logging.getLogger(__name__)
 

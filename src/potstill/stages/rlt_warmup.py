@@ -11,13 +11,33 @@ model learns the format (and to close the section) before GRPO rewards what it w
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from rich.console import Console
 
+from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, TrainConfig
+from potstill.data.examples import build_example
 from potstill.errors import DataError
-from potstill.rlt.config import RLTWarmupConfig
+from potstill.rlt.config import KIT_05B, RLTDataConfig
 from potstill.rlt.data import load_rlt_records
-from potstill.rlt.prompts import system_prompt, teacher_request
-from potstill.train.sft import build_example, fit_examples
+from potstill.rlt.prompts import RLTTags, system_prompt, teacher_request
+from potstill.train.fit import Fit, fit_examples
+
+
+@dataclass
+class RLTWarmupConfig:
+    """Supervised warm-up of the teacher on explanations in its own format (loss on the
+    explanation and its closing tag only)."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
+    )
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, grad_accum=4))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_warmup"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    """Bundled prompt name or .txt file (null = none)."""
 
 
 def warmup_examples(records, tokenizer, cfg: RLTWarmupConfig):
@@ -57,10 +77,7 @@ def run_warmup(cfg: RLTWarmupConfig, console: Console | None = None, *, resume: 
         f"{sum(e.target_tokens for e in examples):,} explanation tokens ({skipped} skipped)"
     )
     counts = {"records": len(records), "examples": len(examples), "skipped": skipped}
-    result, final = fit_examples(
-        model, tokenizer, examples, config=cfg, model_cfg=cfg.teacher, train_cfg=cfg.train,
-        run_cfg=cfg.run, command="rlt warmup", inputs=[cfg.data.source], counts=counts,
-        console=console, resume=resume,
-    )  # fmt: skip
+    spec = Fit("rlt warmup", cfg, cfg.teacher, cfg.train, cfg.run, [cfg.data.source], counts)
+    result, final = fit_examples(model, tokenizer, examples, spec, console=console, resume=resume)
     console.print(f"[green]done[/] {result['step']} steps; teacher saved to {final}")
     return result

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -31,15 +30,16 @@ from rich.progress import (
 )
 
 from potstill.config import check
+from potstill.config.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.data import read_records
+from potstill.data.examples import collate, record_examples
 from potstill.errors import ConfigError, DataError
 from potstill.losses.chunked import default_chunk_size
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
-from potstill.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
-from potstill.train.sft import collate, record_examples
+from potstill.teacher.topk import target_hidden, target_logits, top_k_rows
 
 Tensor = torch.Tensor
 TAIL_WARNING = 0.05
@@ -90,45 +90,6 @@ class TeacherCacheConfig:
         )
 
 
-def target_positions(labels: Tensor) -> Tensor:
-    """(B, L) labels -> (B, L) bool: the positions whose next token is a target (row i of a
-    record's cache is the i-th True of its row)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
-
-
-def target_hidden(model, batch: dict[str, Tensor]) -> tuple[Tensor, list[int]]:
-    """Final hidden states at each record's target positions, concatenated: (N, H), and the
-    number of rows of each record. The lm_head is not applied (see `target_logits`)."""
-    device = model.get_output_embeddings().weight.device
-    hidden = model.get_decoder()(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    ).last_hidden_state  # (B, L, H)
-    mask = target_positions(batch["labels"]).to(device)
-    return hidden[mask], mask.sum(1).tolist()
-
-
-def target_logits(model, hidden: Tensor) -> Tensor:
-    """(n, H) final hidden states -> (n, V) float32 logits, as the model's forward makes them."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2 style soft-capping
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def top_k_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, V) logits -> top-k ids (n, k), their log-probs (n, k) at `temperature`, descending,
-    and the log of the mass outside them (n,) (-inf when k = V)."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    top, ids = log_p.topk(k, dim=-1)
-    log_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return ids, top, log_tail
-
-
 def _examples(cfg: TeacherCacheConfig, records: list[dict], tokenizer, done: set[str]):
     """(record id, Example) for records not cached yet, and the count of records skipped for
     having no target token within max_seq_len."""
@@ -160,7 +121,7 @@ def cache_meta(cfg: TeacherCacheConfig, tokenizer, vocab_size: int, system: str 
         "target_field": data.target_field,
         "system_prompt": data.system_prompt,
         "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest() if system else None,
-        "rows": "one per t >= 1 with labels[t] != -100 in potstill.train.sft.build_example",
+        "rows": "one per t >= 1 with labels[t] != -100 in potstill.data.examples.build_example",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 

@@ -21,18 +21,54 @@ as a stage. Explanations the teacher never closed are counted and left out of th
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
 
 from rich.console import Console
 
+from potstill.config import check
+from potstill.config.sections import BackendConfig, ModelConfig, RunConfig
 from potstill.data import ShardWriter, read_records, read_shards, write_records
+from potstill.data.seeds import sample_seed
 from potstill.fsutil import atomic_write_text
-from potstill.rlt.config import RLTExplainConfig
+from potstill.rlt.config import KIT_05B, ExplainSampling, RLTDataConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.prompts import RLTTags, split_explanation, system_prompt, teacher_request
+from potstill.rlt.rewards import RewardConfig
 from potstill.rlt.score import check_pair_vocab, mean_and_stderr
 from potstill.runs import RunDir
 from potstill.teacher.backends import Sampling
-from potstill.teacher.generate import generate_into, generation_progress, sample_seed
+from potstill.teacher.requests import generate_into, generation_progress
+
+
+@dataclass
+class RLTExplainConfig:
+    """The teacher writes N explanations per (question, solution); optionally keep the best one
+    by RLT reward for a given student; output records are student training data."""
+
+    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The (trained) teacher: a model spec or a `rlt train` final/ directory."""
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The student the explanations are scored for (select: best, or score: true)."""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    sampling: ExplainSampling = field(default_factory=ExplainSampling)
+    select: Literal["all", "best"] = "all"
+    """all: keep every explanation; best: per question the one with the highest RLT reward."""
+    score: bool = False
+    """Add the RLT reward to every explanation even when select is all."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_batch_size: int = 8
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_explain"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    student_system_prompt: str | None = "rlt_student"
+
+    def __post_init__(self):
+        check(
+            self.reward_batch_size > 0,
+            f"reward_batch_size: must be > 0, got {self.reward_batch_size}",
+        )
 
 
 def student_completion(explanation: str, solution: str, tags: RLTTags) -> str:

@@ -12,14 +12,41 @@ r_kl_mean, closed, completion_tokens) come from the loop. `final/` is a model di
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+
 from rich.console import Console
 
-from potstill.rlt.config import RLTTrainConfig
+from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, TrainConfig
+from potstill.distributed import is_main_process
+from potstill.rlt.config import KIT_05B, GRPOConfig, RLTDataConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.grpo import GRPOHooks, Question, collate, make_loss_fn
-from potstill.runs import RunDir
-from potstill.train.sft import count_tokens
+from potstill.rlt.prompts import RLTTags
+from potstill.rlt.rewards import RewardConfig
+from potstill.train.fit import Fit, fit
+
+
+@dataclass
+class RLTTrainConfig:
+    """GRPO on the teacher with the RLT reward for a fixed student."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name=KIT_05B, lora=LoraConfig())
+    )
+    """The policy: a model spec, or a warm-up's final/ directory."""
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name=KIT_05B))
+    """The frozen student whose log-probs make the reward."""
+    data: RLTDataConfig = field(default_factory=RLTDataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-5, grad_accum=2, warmup_ratio=0.0, save_every=5)
+    )
+    """micro_batch_size = questions per micro-batch (each sampled group_size times)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/rlt_train"))
+    tags: RLTTags = field(default_factory=RLTTags)
+    teacher_system_prompt: str | None = "rlt_teacher"
+    student_system_prompt: str | None = "rlt_student"
 
 
 def load_questions(cfg: RLTTrainConfig) -> list[Question]:
@@ -53,55 +80,33 @@ def load_pair(cfg: RLTTrainConfig):
 
 
 def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import apply_lora
-    from potstill.train.loop import train
-    from potstill.train.save import save_final
 
     console = console or Console(stderr=True)
     questions = load_questions(cfg)
     teacher, tokenizer, student, student_tok = load_pair(cfg)
-    if cfg.teacher.lora:
-        torch.manual_seed(cfg.train.seed)  # LoRA's initial weights
-        teacher = apply_lora(teacher, cfg.teacher.lora)
-        if cfg.train.gradient_checkpointing:
-            teacher.enable_input_require_grads()
     g = cfg.grpo.group_size
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     console.print(
         f"[bold]{len(questions)}[/] questions × G={g}; {per_step} "
         f"question{'s' if per_step > 1 else ''} per step (and per process)"
     )
-    inputs = [cfg.data.source]
-    with RunDir(cfg.run.output_dir, command="rlt train", config=cfg, inputs=inputs) as run:
-        from potstill.distributed import is_main_process
 
-        hooks = GRPOHooks(
-            policy=teacher, tokenizer=tokenizer, student=student, student_tokenizer=student_tok,
+    def hooks(run, policy):  # the policy as trained: with its LoRA adapters, if any
+        return GRPOHooks(
+            policy=policy, tokenizer=tokenizer, student=student, student_tokenizer=student_tok,
             grpo=cfg.grpo, reward=cfg.reward, tags=cfg.tags,
             teacher_system_prompt=cfg.teacher_system_prompt,
             student_system_prompt=cfg.student_system_prompt, seed=cfg.train.seed,
             reference_dir=run.path / "reference", is_main=is_main_process(),
         )  # fmt: skip
-        run.count(questions=len(questions), group_size=g)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        with run.timed("train"):
-            result = train(
-                cfg=cfg.train,
-                model=teacher,
-                examples=questions,
-                collate=lambda rollouts: collate(rollouts, pad),
-                count_tokens=count_tokens,
-                loss_fn=make_loss_fn(cfg.grpo),
-                run=run,
-                log_with=cfg.run.log_with,
-                console=console,
-                require_checkpoint=resume,
-                hooks=hooks,
-            )
-        final = save_final(
-            teacher, tokenizer, run.path / "final", merge=cfg.train.merge_lora,
-            base_spec=cfg.teacher.name,
-        )  # fmt: skip
-        run.count(steps=result["step"], final_reward=result.get("reward_mean", float("nan")))
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    counts = {"questions": len(questions), "group_size": g}
+    spec = Fit("rlt train", cfg, cfg.teacher, cfg.train, cfg.run, [cfg.data.source], counts)
+    result, final = fit(
+        teacher, tokenizer, questions, spec, collate=lambda rollouts: collate(rollouts, pad),
+        loss_fn=make_loss_fn(cfg.grpo), console=console, resume=resume, hooks=hooks,
+        final_metric="reward_mean",
+    )  # fmt: skip
     console.print(f"[green]done[/] {result['step']} GRPO steps; teacher saved to {final}")
     return result

@@ -12,20 +12,18 @@ so the merged shards (`potstill.data.sharding`) hold the samples one unsharded r
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from potstill.config.sections import (
+    BackendConfig,
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    RunConfig,
+)
 from potstill.data import ShardWriter, read_records, read_shards, write_records
 from potstill.data.sharding import (
     Shard,
@@ -39,127 +37,31 @@ from potstill.data.sharding import (
 from potstill.errors import ConfigError
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
-from potstill.sections import GenerateConfig, GenerationConfig
-from potstill.teacher.backends import Backend, Generation, Request, Sampling
+from potstill.teacher.backends import Backend, Generation
+from potstill.teacher.requests import (
+    build_requests,
+    generate_into,
+    generation_progress,
+    prompt_limit,
+    provenance_of,
+    sampling_of,
+    split_too_long,
+)
 
 
-def sample_seed(base_seed: int, record_id: str, sample: int) -> int:
-    """A per-sample seed that depends on nothing but (base seed, record id, sample index)."""
-    digest = hashlib.sha256(f"{base_seed}\0{record_id}\0{sample}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+@dataclass
+class GenerateConfig:
+    """Teacher generation: N samples per record, written as resumable shards."""
 
-
-def sampling_of(gen: GenerationConfig) -> Sampling:
-    return Sampling(
-        max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature,
-        top_p=gen.top_p,
-        stop=tuple(gen.stop),
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
     )
-
-
-def build_requests(
-    records: Iterable[dict], gen: GenerationConfig, system_prompt: str | None
-) -> list[tuple[Request, dict]]:
-    """One request per (record, sample), paired with its record."""
-    pairs = []
-    for record in records:
-        messages = ({"role": "user", "content": record["question"]},)
-        if system_prompt:
-            messages = ({"role": "system", "content": system_prompt}, *messages)
-        for k in range(gen.num_samples):
-            key = f"{record['id']}#{k}"
-            seed = sample_seed(gen.seed, record["id"], k)
-            pairs.append((Request(key=key, messages=messages, seed=seed), record))
-    return pairs
-
-
-def sample_record(record: dict, request: Request, out: Generation, provenance: dict) -> dict:
-    """The input record with the sample and its provenance added (nothing renamed)."""
-    sample = int(request.key.rsplit("#", 1)[1])
-    return {
-        **record,
-        "id": request.key,
-        "source_id": record.get("source_id", record["id"]),
-        "completion": out.text,
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.completion_tokens,
-        "finish_reason": out.finish_reason,
-        "teacher": {**provenance, "seed": request.seed, "sample": sample},
-    }
-
-
-def provenance_of(backend: Backend, model_name: str, gen: GenerationConfig) -> dict:
-    """What made a sample, stored with it (each sample adds its own seed and index)."""
-    return {
-        **backend.describe(),
-        "model": model_name,
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "max_new_tokens": gen.max_new_tokens,
-        "stop": list(gen.stop),
-        "system_prompt": gen.system_prompt,
-    }
-
-
-def split_too_long(
-    backend: Backend, pairs: list[tuple[Request, dict]], limit: int | None
-) -> tuple[list[tuple[Request, dict]], list[dict]]:
-    """Requests whose prompt fits, and skipped records (with `drop_reason`) for those that don't."""
-    if limit is None:
-        return pairs, []
-    kept, skipped, lengths = [], [], {}
-    for request, record in pairs:
-        # the N samples of a record share one prompt: measure it once
-        if record["id"] not in lengths:
-            lengths[record["id"]] = length = backend.prompt_tokens(request)
-            if length is not None and length > limit:
-                reason = f"prompt_too_long: {length} tokens > {limit}"
-                skipped.append({**record, "drop_reason": reason})
-        length = lengths[record["id"]]
-        if length is None or length <= limit:
-            kept.append((request, record))
-    return kept, skipped
-
-
-def prompt_limit(backend: Backend, gen: GenerationConfig) -> int | None:
-    if gen.max_prompt_tokens is not None:
-        return gen.max_prompt_tokens
-    context = backend.context_length
-    return None if context is None else max(context - gen.max_new_tokens, 1)
-
-
-def generate_into(
-    backend: Backend,
-    pairs: list[tuple[Request, dict]],
-    sampling: Sampling,
-    writer: ShardWriter,
-    provenance: dict,
-    *,
-    on_result: Callable[[Generation], None] = lambda out: None,
-    transform: Callable[[dict], dict] = lambda record: record,
-) -> int:
-    """Generate every pair whose key is not in the writer yet; write each as it finishes."""
-    todo = [(req, rec) for req, rec in pairs if req.key not in writer.done_ids]
-    by_key = {req.key: rec for req, rec in todo}
-    new_tokens = 0
-    for request, out in backend.generate([req for req, _ in todo], sampling):
-        writer.write(transform(sample_record(by_key[request.key], request, out, provenance)))
-        new_tokens += out.completion_tokens
-        on_result(out)
-    return new_tokens
-
-
-def generation_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[speed]}"),
-        console=console,
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=512, system_prompt="step_by_step")
     )
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/generate"))
 
 
 def check_settings(gen: GenerationConfig, console: Console) -> None:

@@ -14,102 +14,38 @@ joins them.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Literal
 
 from rich.console import Console
-from rich.table import Table
 
 from potstill.config import check
-from potstill.curate.verifiers import check_gold, find_answer, verify
-from potstill.data import ShardWriter, read_records, read_shards
+from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig
+from potstill.data import ShardWriter, read_shards
 from potstill.data.sharding import Shard, shard_run_dir
+from potstill.data.verifiers import find_answer, verify
 from potstill.errors import ConfigError
-from potstill.eval.bench import score_samples
+from potstill.eval.config import CostConfig, EvalModel, EvalTask
 from potstill.eval.cost import (
     MemoryMeter,
     SpeedMeter,
     cost_summary,
-    hardware_name,
     release_memory,
     weight_bytes,
 )
+from potstill.eval.results import answers_dir, collect_results, print_results, slug
+from potstill.eval.tasks import load_tasks
 from potstill.fsutil import atomic_write_text
 from potstill.models import resolve_model_path
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
-from potstill.sections import BackendConfig, GenerationConfig, ModelConfig, RunConfig
-from potstill.teacher.generate import (
+from potstill.teacher.requests import (
     build_requests,
     generate_into,
     generation_progress,
     provenance_of,
     sampling_of,
 )
-
-
-@dataclass
-class EvalModel:
-    name: str = "qwen2.5-coder-0.5b-instruct"
-    """Kit name, model directory (a fine-tuned student's `final/`, adapter or merged), or hub id."""
-    label: str | None = None
-    """Name in tables and plots (default: name). Unique within the eval."""
-    role: Literal["teacher", "student"] = "student"
-    """Teacher or student: the report contrasts them."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype: auto = bf16 on a GPU that supports it, float32 on CPU."""
-    device: str = "auto"
-    """cpu, cuda, cuda:1, or auto."""
-    trust_remote_code: bool = False
-    """Run custom model code from the model's repository. Off unless you reviewed that code."""
-
-    def __post_init__(self):
-        check(bool(self.name.strip()), "name: empty; give a kit name, a directory or a hub id")
-        self.label = self.label or self.name
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            name=self.name,
-            dtype=self.dtype,
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-        )
-
-
-@dataclass
-class EvalTask:
-    source: str = "rg:basic_arithmetic?size=40&seed=1001&max_terms=3&max_digits=2"
-    """Questions with answers: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S."""
-    name: str | None = None
-    """Name in tables and plots (default: the reasoning-gym task or the file's stem)."""
-    limit: int | None = None
-    """Use only the first N questions."""
-
-    def __post_init__(self):
-        check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
-        self.name = self.name or _task_name(self.source)
-
-
-@dataclass
-class CostConfig:
-    usd_per_hour: float = 0.10
-    """Price of the hardware the eval runs on, $ per hour (a cloud 2-vCPU VM is ~$0.10, an H100
-    ~$2-4): turns measured seconds per answer into $ per 1,000 answers."""
-    hardware: str | None = None
-    """What that hardware is, for the report (default: detected, e.g. "2-core CPU (x86_64)")."""
-    latency_samples: int = 2
-    """Questions each model also answers alone (batch of one) to time the latency one user
-    sees; 0 skips it."""
-
-    def __post_init__(self):
-        check(self.usd_per_hour >= 0, f"usd_per_hour: must be >= 0, got {self.usd_per_hour}")
-        check(
-            self.latency_samples >= 0,
-            f"latency_samples: must be >= 0, got {self.latency_samples}",
-        )
 
 
 @dataclass
@@ -156,50 +92,6 @@ class EvalConfig:
         )
 
 
-def _task_name(source: str) -> str:
-    if source.startswith("rg:"):
-        return source[3:].partition("?")[0]
-    return Path(source.partition("?")[0]).stem or source
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
-
-
-def load_tasks(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """Every task's records, checked: non-empty, gold answers verifiable, none seen in training."""
-    tasks = {}
-    for task in cfg.tasks:
-        records = read_records(task.source, limit=task.limit)
-        if not records:
-            raise ConfigError(f"tasks: {task.source} holds no records; an eval needs questions")
-        check_gold(records, task.source)
-        tasks[task.name] = records
-    check_no_overlap(tasks, cfg.exclude)
-    return tasks
-
-
-def check_no_overlap(tasks: dict[str, list[dict]], exclude: list[str]) -> None:
-    """Refuse an eval whose questions appear (by id or normalised text) in training data."""
-    for source in exclude:
-        seen = read_records(source)
-        ids = {r.get("source_id", r["id"]) for r in seen} | {r["id"].split("#")[0] for r in seen}
-        texts = {normal_question(r["question"]) for r in seen}
-        for name, records in tasks.items():
-            hits = [r for r in records if r["id"] in ids or normal_question(r["question"]) in texts]
-            if hits:
-                raise ConfigError(
-                    f"exclude: {len(hits)} of {len(records)} questions of task '{name}' are in "
-                    f"the training data {source} (first: '{hits[0]['id']}'); evaluate on "
-                    "held-out questions (another seed, or another split)"
-                )
-
-
-def normal_question(text: str) -> str:
-    """Question text compared case- and whitespace-insensitively (held-out checks)."""
-    return " ".join(text.lower().split())
-
-
 def run_eval(
     cfg: EvalConfig, console: Console | None = None, *, shard: Shard | None = None, merge=False
 ) -> dict:
@@ -234,17 +126,13 @@ def run_eval(
         for model in cfg.models:
             if tasks:  # a shard may hold none of the questions: then no model is loaded
                 costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
-        report = _collect(cfg, run, costs, tasks)
+        report = collect_results(cfg, run, costs, tasks)
         if shard is not None:
             report["shard"] = str(shard)  # this shard's questions only
         atomic_write_text(run.path / "eval.json", json.dumps(report, indent=2) + "\n")
         run.count(results=len(report["results"]))
     print_results(report, console)
     return report
-
-
-def answers_dir(run_path: Path, label: str, task: str) -> Path:
-    return run_path / "answers" / slug(label) / slug(task)
 
 
 def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> dict:
@@ -347,45 +235,3 @@ def _answer(backend, pairs, gen, run_path, label, task, provenance, speed, conso
             )
         finally:
             speed.stop()
-
-
-def _collect(cfg: EvalConfig, run, costs: dict, tasks: dict) -> dict:
-    results = []
-    for model in cfg.models:
-        for name in tasks:
-            samples = list(read_shards(answers_dir(run.path, model.label, name)))
-            results.append({"model": model.label, "task": name, **score_samples(samples, cfg.ks)})
-    return {
-        "price": {
-            "usd_per_hour": cfg.cost.usd_per_hour,
-            "hardware": cfg.cost.hardware or hardware_name(),
-        },
-        "generation": {
-            "max_new_tokens": cfg.generation.max_new_tokens,
-            "temperature": cfg.generation.temperature,
-            "num_samples": cfg.generation.num_samples,
-            "system_prompt": cfg.generation.system_prompt,
-        },
-        "models": [{"label": m.label, **costs.get(m.label, {})} for m in cfg.models],
-        "results": results,
-    }
-
-
-def print_results(report: dict, console: Console) -> None:
-    costs = {m["label"]: m for m in report["models"]}
-    table = Table(title="eval")
-    for col in ("model", "task", "accuracy", "correct", "tok/s", "s/answer", "$/1k answers"):
-        table.add_column(col, justify="left" if col in ("model", "task") else "right")
-    for r in report["results"]:
-        c = costs[r["model"]]
-        extra = "".join(f"  pass@{k} {v:.0%}" for k, v in r["pass@k"].items() if k != "1")
-        table.add_row(
-            r["model"],
-            r["task"],
-            f"{r['accuracy']:.1%}{extra}",
-            f"{r['correct']}/{r['n']}",
-            f"{c['tokens_per_s']:.1f}",
-            f"{c['seconds_per_answer']:.2f}",
-            f"{c['usd_per_1k_answers']:.4f}",
-        )
-    console.print(table)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
-from potstill.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
+from potstill.config.sections import ModelConfig
 
 
 @dataclass
@@ -121,27 +121,3 @@ class KDLossConfig:
         if self.divergence.startswith("skew_"):
             return {"alpha": self.skew}
         return {}
-
-
-@dataclass
-class DistillConfig:
-    """Logit distillation: the student learns the teacher's token distributions on records."""
-
-    student: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig()))
-    """The student being trained (LoRA by default; omit lora for full fine-tuning)."""
-    teacher: DistillTeacherConfig = field(default_factory=DistillTeacherConfig)
-    """The teacher and where its distributions come from."""
-    loss: KDLossConfig = field(default_factory=KDLossConfig)
-    """Divergence, temperature, hard/soft mix."""
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    """Records: prompt (system prompt + prompt_field) and target (target_field)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
-    """Optimiser, schedule, batch, checkpoints."""
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
-
-    def __post_init__(self):
-        check(
-            not self.train.packing,
-            "train.packing: not supported by distill (teacher positions follow each record); "
-            "set train.packing=false",
-        )

@@ -1,0 +1,108 @@
+"""Training examples from records: the prompt through the chat template (masked), the target
+after it, packing and collation. Every trainer and the teacher cache build examples here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from potstill.data.chat import render_chat
+from potstill.errors import DataError
+from potstill.losses.reduce import IGNORE_INDEX
+from potstill.prompts import load_prompt
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    """IGNORE_INDEX on prompt tokens; the token itself on target tokens."""
+    position_ids: list[int]
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def build_example(
+    tokenizer, prompt_messages: tuple[dict, ...], target: str, max_len: int, *, prefill: str = ""
+) -> Example | None:
+    """Tokenise prompt and target apart (so the boundary is exact), truncate to `max_len`;
+    None when no target token survives the truncation. `prefill` starts the assistant turn as
+    part of the prompt (no loss on it)."""
+    prompt = render_chat(tokenizer, prompt_messages, prefill)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        target_ids = [*target_ids, tokenizer.eos_token_id]
+    ids = (prompt_ids + target_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(ids, labels, list(range(len(ids))))
+
+
+def pack(examples: list[Example], max_len: int) -> list[Example]:
+    """First-fit-decreasing bins of up to `max_len` tokens; positions restart per example.
+    Deterministic: the same examples give the same bins."""
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+        slot = next((i for i, r in enumerate(room) if r >= len(ex.input_ids)), None)
+        if slot is None:
+            bins.append([ex])
+            room.append(max_len - len(ex.input_ids))
+        else:
+            bins[slot].append(ex)
+            room[slot] -= len(ex.input_ids)
+    return [
+        Example(
+            [t for e in b for t in e.input_ids],
+            [t for e in b for t in e.labels],
+            [t for e in b for t in e.position_ids],
+        )
+        for b in bins
+    ]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; padding is masked out and carries no label."""
+    width = max(len(e.input_ids) for e in examples)
+
+    def padded(rows, fill):
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows])
+
+    return {
+        "input_ids": padded([e.input_ids for e in examples], pad_id),
+        "labels": padded([e.labels for e in examples], IGNORE_INDEX),
+        "position_ids": padded([e.position_ids for e in examples], 0),
+        "attention_mask": padded([[1] * len(e.input_ids) for e in examples], 0),
+    }
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def record_examples(records: list[dict], data, tokenizer, max_len: int, *, where: str):
+    """(record, prompt messages, Example or None) per record, built the way every trainer and
+    the teacher cache build them: system prompt + the prompt field through the chat template,
+    then the target field. None when no target token fits in `max_len`. `data` is a section with
+    prompt_field, target_field and system_prompt (SFTDataConfig)."""
+    system = load_prompt(data.system_prompt) if data.system_prompt else None
+    for record in records:
+        for field_name in (data.prompt_field, data.target_field):
+            if not isinstance(record.get(field_name), str):
+                which = "prompt" if field_name == data.prompt_field else "target"
+                raise DataError(
+                    f"{where}: record '{record['id']}' has no text field '{field_name}'; set "
+                    f"data.{which}_field to a field the records have, or curate generated "
+                    "samples first"
+                )
+        messages = ({"role": "user", "content": record[data.prompt_field]},)
+        if system:
+            messages = ({"role": "system", "content": system}, *messages)
+        target = record[data.target_field]
+        yield record, messages, build_example(tokenizer, messages, target, max_len)

@@ -1,0 +1,138 @@
+"""`potstill curate`: verify, filter, deduplicate and select teacher samples.
+
+potstill curate --config configs/curate-gsm.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from potstill.config.sections import DataConfig, RunConfig
+from potstill.curate.funnel import Funnel
+from potstill.curate.pipeline import (
+    DedupConfig,
+    DifficultyConfig,
+    FormatConfig,
+    LengthConfig,
+    RewriteConfig,
+    SelectConfig,
+    VerifyConfig,
+    curate_records,
+    read_student_rates,
+    require_completions,
+)
+from potstill.curate.rewrite import pending_rewrites, rewrite_traces
+from potstill.data import read_records, write_records
+from potstill.errors import ConfigError
+from potstill.fsutil import atomic_write_text
+from potstill.runs import RunDir
+from potstill.teacher.backends import Backend, Sampling
+
+
+@dataclass
+class CurateConfig:
+    """Curation of teacher samples: verify, filter, deduplicate, select (and optionally rewrite)."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="runs/generate/samples"))
+    """Teacher samples (records with `completion`), e.g. the samples dir of `potstill generate`."""
+    student_samples: str | None = None
+    """The student's own samples of the same questions, to drop what it already solves."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Step 1: truncation, balanced tags, a required pattern."""
+    length: LengthConfig = field(default_factory=LengthConfig)
+    """Step 2: completion length bounds."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """Step 3: the record's verifier (task field) must accept the answer."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Step 4: exact and near-duplicate traces."""
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
+    """Step 6: questions the student already solves (step 5 reports teacher-unsolved ones)."""
+    select: SelectConfig = field(default_factory=SelectConfig)
+    """Step 7: rejection sampling, at most k samples per question."""
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    """Step 8 (off by default): restructure kept traces with a model, re-verified."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/curate"))
+    """Run directory: kept.jsonl, dropped.jsonl, funnel.json, config, manifest."""
+
+
+def default_backend_factory(rewrite: RewriteConfig) -> Backend:
+    from potstill.teacher.factory import make_backend
+
+    return make_backend(rewrite.model, rewrite.backend, batch_size=rewrite.batch_size)
+
+
+def run_curate(
+    cfg: CurateConfig,
+    console: Console | None = None,
+    backend_factory: Callable[[RewriteConfig], Backend] | None = None,
+) -> Funnel:
+    """Read the samples, curate them, write kept/dropped/funnel into `cfg.run.output_dir`.
+
+    `backend_factory` builds the rewriting model's backend (default: the configured engine); it
+    is called only when rewrite is enabled and some trace still needs rewriting.
+    """
+    console = console or Console(stderr=True)
+    # Check every input before the run directory exists: bad input must leave nothing behind.
+    records = read_records(cfg.data.source, limit=cfg.data.limit)
+    require_completions(records, cfg.data.source)
+    student_rates = None
+    if cfg.student_samples:
+        student_rates = read_student_rates(cfg.student_samples, cfg.verify.threshold)
+    prompt = _rewrite_prompt(cfg.rewrite) if cfg.rewrite.enabled else None
+    inputs = [cfg.data.source, *([cfg.student_samples] if cfg.student_samples else [])]
+    console.print(f"[bold]{len(records)}[/] samples from {cfg.data.source}")
+
+    with RunDir(cfg.run.output_dir, command="curate", config=cfg, inputs=inputs) as run:
+        rewriter = None
+        if prompt is not None:
+            factory = backend_factory or default_backend_factory
+            shard_dir = run.path / "rewrite"
+
+            def rewriter(kept: list[dict]) -> list[dict]:
+                rw = cfg.rewrite
+                sampling = Sampling(
+                    max_new_tokens=rw.max_new_tokens, temperature=rw.temperature, top_p=rw.top_p
+                )
+                if not pending_rewrites(kept, shard_dir):  # resumed: no model to load
+                    return rewrite_traces(kept, None, prompt=prompt, shard_dir=shard_dir)
+                with factory(rw) as backend, run.timed("rewrite"):
+                    return rewrite_traces(
+                        kept,
+                        backend,
+                        prompt=prompt,
+                        shard_dir=shard_dir,
+                        sampling=sampling,
+                        seed=rw.seed,
+                        threshold=cfg.verify.threshold,
+                    )
+
+        with run.timed("curate"):
+            kept, dropped, funnel = curate_records(
+                records, cfg, student_rates=student_rates, rewriter=rewriter
+            )
+        write_records(run.path / "kept.jsonl", kept)
+        write_records(run.path / "dropped.jsonl", dropped)
+        atomic_write_text(run.path / "funnel.json", json.dumps(funnel.to_dict(), indent=2) + "\n")
+        run.count(
+            input_records=funnel.input_records,
+            input_questions=funnel.input_questions,
+            kept_records=len(kept),
+            kept_questions=funnel.kept_questions,
+            dropped_records=len(dropped),
+        )
+    console.print(funnel.table())
+    console.print(f"kept → {run.path / 'kept.jsonl'}   dropped → {run.path / 'dropped.jsonl'}")
+    return funnel
+
+
+def _rewrite_prompt(rewrite: RewriteConfig) -> str:
+    from potstill.prompts import load_prompt
+
+    try:
+        return load_prompt(rewrite.prompt_file)
+    except ConfigError as exc:
+        raise ConfigError(f"rewrite.prompt_file: {exc}") from None

@@ -1,0 +1,123 @@
+"""`potstill distill`: logit distillation with the teacher online, from an offline top-k cache,
+or on-policy.
+
+    potstill distill --config configs/distill.yaml [--resume]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from potstill.config import check
+from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
+from potstill.data import read_records
+from potstill.data.examples import record_examples
+from potstill.errors import DataError
+from potstill.runs import check_same_config
+from potstill.train.checkpoint import check_resumable
+from potstill.train.fit import Fit, fit
+from potstill.train.kd import (
+    DistillHooks,
+    Item,
+    collate_items,
+    load_teacher,
+    make_loss_fn,
+    offline_teacher,
+    online_teacher,
+)
+from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig
+from potstill.train.offline_teacher import open_teacher_cache
+
+
+@dataclass
+class DistillConfig:
+    """Logit distillation: the student learns the teacher's token distributions on records."""
+
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig()))
+    """The student being trained (LoRA by default; omit lora for full fine-tuning)."""
+    teacher: DistillTeacherConfig = field(default_factory=DistillTeacherConfig)
+    """The teacher and where its distributions come from."""
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
+    """Divergence, temperature, hard/soft mix."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Records: prompt (system prompt + prompt_field) and target (target_field)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+    """Optimiser, schedule, batch, checkpoints."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/distill"))
+
+    def __post_init__(self):
+        check(
+            not self.train.packing,
+            "train.packing: not supported by distill (teacher positions follow each record); "
+            "set train.packing=false",
+        )
+
+
+def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int]]:
+    """One item per record with a target token left after truncation (the others are counted)."""
+    data = cfg.data
+    records = read_records(data.source, limit=data.limit)
+    built = record_examples(records, data, tokenizer, cfg.train.max_seq_len, where=data.source)
+    items = [Item(ex, str(rec["id"]), msgs) for rec, msgs, ex in built if ex is not None]
+    skipped = len(records) - len(items)
+    if not items:
+        raise DataError(
+            f"{data.source}: no record has a target token within train.max_seq_len="
+            f"{cfg.train.max_seq_len}; raise it"
+        )
+    counts = {
+        "records": len(records),
+        "skipped_no_target_tokens": skipped,
+        "sequences": len(items),
+        "target_tokens": sum(i.example.target_tokens for i in items),
+    }
+    return items, counts
+
+
+def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
+    from potstill.models import check_same_vocab, load_model, load_tokenizer
+
+    console = console or Console(stderr=True)
+    check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
+    if resume:
+        check_resumable(cfg.run.output_dir)
+    tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
+    online = cfg.teacher.mode != "offline"
+    if online:
+        spec = cfg.teacher.model
+        check_same_vocab(
+            load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code), tokenizer
+        )
+    items, counts = load_items(cfg, tokenizer)
+    console.print(
+        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
+        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
+    )
+    student = load_model(
+        cfg.student.name,
+        dtype=cfg.student.dtype,
+        device=cfg.student.device,
+        trust_remote_code=cfg.student.trust_remote_code,
+    )
+    vocab = student.get_output_embeddings().weight.shape[0]
+    cache = None
+    if not online:
+        rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
+        cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
+    device = student.device
+    teacher = load_teacher(cfg, vocab, device) if online else None
+    hooks = DistillHooks(cfg, tokenizer)
+    teacher_of = online_teacher(teacher, device) if online else offline_teacher
+    pad_id = tokenizer.pad_token_id or 0
+    inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])
+    spec = Fit("distill", cfg, cfg.student, cfg.train, cfg.run, inputs, counts)
+    result, final = fit(
+        student, tokenizer, items, spec,
+        collate=lambda batch: collate_items(batch, pad_id, cache),
+        loss_fn=make_loss_fn(cfg, teacher_of, hooks), console=console, resume=resume,
+        hooks=lambda run, model: hooks,
+    )  # fmt: skip
+    console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
+    return result
