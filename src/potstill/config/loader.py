@@ -199,7 +199,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def field_help(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass (empty when there is none)."""
+    """The docstring under each field of a dataclass, a base class's where the subclass only
+    changes the default (empty when there is none)."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__ if isinstance(cls, type) else type(cls).__mro__):
+        if dataclasses.is_dataclass(klass):
+            helps.update(_own_field_help(klass))
+    return helps
+
+
+def _own_field_help(cls) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -231,9 +240,20 @@ def describe(cfg, indent: int = 0) -> str:
             lines.append(f"{pad}{f.name}:")
             lines.append(describe(value, indent + 1))
         else:
-            dumped = yaml.safe_dump({f.name: value}, default_flow_style=False, sort_keys=False)
+            plain = _plain(value)  # lists of sections (eval's models, tasks) as mappings
+            dumped = yaml.safe_dump({f.name: plain}, default_flow_style=False, sort_keys=False)
             lines.extend(pad + line for line in dumped.rstrip("\n").splitlines())
     return "\n".join(lines)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def check(condition: bool, message: str) -> None:

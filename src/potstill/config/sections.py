@@ -5,6 +5,7 @@ Each field's help is the docstring under it; ranges are checked in `__post_init_
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,14 +64,43 @@ class DataConfig:
         check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
 
 
+MIN_TEMPERATURE = 1e-2
+"""Below this (but above 0) softmax(logits / T) overflows to one-hot or NaN: use 0 (greedy)."""
+
+
 @dataclass
-class GenerationConfig:
+class SamplingConfig:
+    """How a model samples: every stage that samples (generate, eval, curate's rewrite, rlt
+    explain, GRPO rollouts, on-policy distillation) extends this one section, so the fields
+    mean the same everywhere and are checked in one place."""
+
     max_new_tokens: int = 64
     """Stop after this many new tokens."""
     temperature: float = 0.0
-    """0 = greedy decoding."""
+    """Softmax temperature; 0 = greedy decoding."""
     top_p: float = 1.0
-    """Nucleus sampling mass."""
+    """Nucleus sampling: sample from the smallest set of tokens holding this much probability
+    (1 = all tokens)."""
+
+    def __post_init__(self):
+        check(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+            f"max_new_tokens: must be a positive integer, got {self.max_new_tokens}",
+        )
+        check(
+            math.isfinite(self.temperature)
+            and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE),
+            f"temperature: must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}, "
+            f"got {self.temperature}",
+        )
+        check(
+            math.isfinite(self.top_p) and 0 < self.top_p <= 1,
+            f"top_p: must be in (0, 1], got {self.top_p}",
+        )
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
     num_samples: int = 1
     """Samples per record."""
     batch_size: int = 8
@@ -86,9 +116,7 @@ class GenerationConfig:
     max_new_tokens."""
 
     def __post_init__(self):
-        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        super().__post_init__()
         check(self.num_samples > 0, f"num_samples: must be > 0, got {self.num_samples}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
         check(

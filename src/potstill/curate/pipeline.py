@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import BackendConfig, ModelConfig
+from potstill.config.sections import BackendConfig, ModelConfig, SamplingConfig
 from potstill.curate.filters import (
     check_format,
     check_length,
@@ -143,7 +143,7 @@ class SelectConfig:
 
 
 @dataclass
-class RewriteConfig:
+class RewriteConfig(SamplingConfig):
     enabled: bool = False
     """Restructure each kept trace with a model; a rewrite is kept only if it still verifies."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -154,24 +154,18 @@ class RewriteConfig:
     """Rewrite instructions (the system prompt): a .txt file path or a bundled prompt name."""
     max_new_tokens: int = 4096
     """Longest rewrite; a truncated rewrite is discarded (the original stays)."""
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
     batch_size: int = 8
     """Prompts per generate call (hf backend)."""
     seed: int = 0
     """Base seed; each record derives its own from it and its id."""
 
     def __post_init__(self):
+        super().__post_init__()
         check(
             not self.enabled or bool(self.prompt_file),
             "prompt_file: rewrite is enabled but no prompt is given; set rewrite.prompt_file "
             "to a .txt file with the rewrite instructions",
         )
-        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from potstill.config import check
+from potstill.config.sections import SamplingConfig
 
 KIT_05B = "qwen2.5-coder-0.5b-instruct"
 
@@ -33,7 +34,7 @@ class RLTDataConfig:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(SamplingConfig):
     group_size: int = 8
     """G: explanations sampled per question; advantages are (r − mean) / (std + 1e-4) per group."""
     beta: float = 0.04
@@ -44,14 +45,13 @@ class GRPOConfig:
     """Longest explanation sampled."""
     temperature: float = 0.7
     """Sampling temperature (the policy's log-probs in the loss are taken at it too)."""
-    top_p: float = 1.0
-    """Nucleus sampling."""
     reward_batch_size: int = 8
     """Explanations per reward forward pass."""
     backend: Literal["hf"] = "hf"
     """Rollout engine. hf samples from the live policy; see docs/rlt.md for vLLM."""
 
     def __post_init__(self):
+        super().__post_init__()
         check(
             self.group_size >= 2,
             f"group_size: must be >= 2, got {self.group_size}; GRPO's advantage compares each "
@@ -62,9 +62,11 @@ class GRPOConfig:
             self.ref_sync_every is None or self.ref_sync_every > 0,
             f"ref_sync_every: must be > 0 or null, got {self.ref_sync_every}",
         )
-        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
-        check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        check(
+            self.temperature > 0,
+            f"temperature: must be > 0, got {self.temperature}; GRPO needs different samples "
+            "per group",
+        )
         check(
             self.reward_batch_size > 0,
             f"reward_batch_size: must be > 0, got {self.reward_batch_size}",
@@ -72,22 +74,21 @@ class GRPOConfig:
 
 
 @dataclass
-class ExplainSampling:
+class ExplainSampling(SamplingConfig):
     num_explanations: int = 4
     """N: explanations written per question."""
     max_new_tokens: int = 256
+    """Longest explanation written."""
     temperature: float = 0.7
-    top_p: float = 1.0
+    """Sampling temperature of the explanations (the reward reads log-probs at it too)."""
     batch_size: int = 16
     """Requests per generation batch (hf backend)."""
     seed: int = 0
     """Explanation n of record r is drawn with a seed derived from (seed, r, n)."""
 
     def __post_init__(self):
+        super().__post_init__()
         check(
             self.num_explanations > 0, f"num_explanations: must be > 0, got {self.num_explanations}"
         )
-        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")

@@ -9,26 +9,22 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import ModelConfig
+from potstill.config.sections import ModelConfig, SamplingConfig
 
 
 @dataclass
-class OnPolicyConfig:
+class OnPolicyConfig(SamplingConfig):
     lmbda: float = 0.5
     """GKD's λ: the fraction of micro-batches whose target is replaced by the student's own
     sample of the prompt (scored by the online teacher). Drawn per micro-batch from the seed."""
     temperature: float = 1.0
     """Sampling temperature of the student's samples (0 = greedy)."""
-    top_p: float = 1.0
-    """Nucleus mass of the student's samples."""
     max_new_tokens: int = 128
     """Longest student sample."""
 
     def __post_init__(self):
+        super().__post_init__()
         check(0.0 <= self.lmbda <= 1.0, f"lmbda: must be in [0, 1], got {self.lmbda}")
-        check(self.temperature >= 0, f"temperature: must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
-        check(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
 
 
 @dataclass
