@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from potstill.data.chat import render_chat
-from potstill.errors import DataError
+from potstill.errors import DataError, PotstillError
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
 
@@ -93,6 +93,7 @@ def record_examples(records: list[dict], data, tokenizer, max_len: int, *, where
     prompt_field, target_field and system_prompt (SFTDataConfig)."""
     system = load_prompt(data.system_prompt) if data.system_prompt else None
     for record in records:
+        check_prompt_provenance(record, data, system, where)
         for field_name in (data.prompt_field, data.target_field):
             if not isinstance(record.get(field_name), str):
                 which = "prompt" if field_name == data.prompt_field else "target"
@@ -106,3 +107,34 @@ def record_examples(records: list[dict], data, tokenizer, max_len: int, *, where
             messages = ({"role": "system", "content": system}, *messages)
         target = record[data.target_field]
         yield record, messages, build_example(tokenizer, messages, target, max_len)
+
+
+def check_prompt_provenance(record: dict, data, system: str | None, where: str) -> None:
+    """Refuse to train on a teacher trace under another system prompt than it was generated
+    with: `generate` stores its prompt in the record's `teacher` provenance, and a student
+    trained on (other prompt -> this answer) learns the wrong mapping, silently. Only traces
+    (the `completion` field) carry that provenance; other targets are not checked."""
+    provenance = record.get("teacher")
+    if data.target_field != "completion" or not isinstance(provenance, dict):
+        return
+    if "system_prompt" not in provenance:
+        return
+    generated_with = provenance["system_prompt"]
+    if _prompt_text(generated_with) == system:
+        return
+    hint = f"data.system_prompt={generated_with}" if generated_with else "data.system_prompt=null"
+    raise DataError(
+        f"{where}: record '{record.get('id')}' was generated with system prompt "
+        f"{generated_with!r} but data.system_prompt is {data.system_prompt!r}; set {hint} to "
+        "train with the prompt the traces were generated with"
+    )
+
+
+def _prompt_text(name: str | None) -> str | None:
+    """The text of a prompt named in provenance; the name itself when this machine lacks it."""
+    if not name:
+        return None
+    try:
+        return load_prompt(name)
+    except PotstillError:
+        return name
