@@ -8,20 +8,13 @@ sparse (top-k) teachers, and a fused chunked loss that never builds [N, V] logit
                           num_target_tokens=tokens_in_accumulation_window)
     out.loss.backward()
 
-See docs/losses.md for every formula and its paper.
+Divergences live in one registry (`potstill.losses.registry`): `divergence_names()`,
+`get_divergence(name)`, `check_divergence(name, params)`, and `register(Divergence(...))` to add
+one (docs/losses.md, "Adding a divergence"). See docs/losses.md for every formula and its paper.
 """
 
-from potstill.losses.chunked import (
-    KDLoss,
-    TeacherHidden,
-    TeacherLogits,
-    TeacherTopK,
-    chunked_kd_loss,
-    default_chunk_size,
-    kd_loss,
-)
+from potstill.losses.chunked import chunked_kd_loss, default_chunk_size
 from potstill.losses.divergences import (
-    DIVERGENCES,
     forward_kl,
     jsd,
     reverse_kl,
@@ -29,7 +22,18 @@ from potstill.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from potstill.losses.plain import KDLoss, TeacherHidden, TeacherLogits, TeacherTopK, kd_loss
 from potstill.losses.reduce import count_target_tokens, masked_sum, normalise, target_mask
+from potstill.losses.registry import (
+    DIVERGENCES,
+    Divergence,
+    Param,
+    check_divergence,
+    divergence_names,
+    get_divergence,
+    register,
+    unregister,
+)
 from potstill.losses.sparse import sparse_divergence
 from potstill.losses.weighting import STRATEGIES, Balance, Fixed, Schedule, TeacherConfidence, mix
 
@@ -37,26 +41,33 @@ __all__ = [
     "DIVERGENCES",
     "STRATEGIES",
     "Balance",
+    "Divergence",
     "Fixed",
     "KDLoss",
+    "Param",
     "Schedule",
     "TeacherConfidence",
     "TeacherHidden",
     "TeacherLogits",
     "TeacherTopK",
+    "check_divergence",
     "chunked_kd_loss",
     "count_target_tokens",
     "default_chunk_size",
+    "divergence_names",
     "forward_kl",
+    "get_divergence",
     "jsd",
     "kd_loss",
     "masked_sum",
     "mix",
     "normalise",
+    "register",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "sparse_divergence",
     "target_mask",
     "tvd",
+    "unregister",
 ]

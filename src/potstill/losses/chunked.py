@@ -7,233 +7,50 @@ away (grad_hidden = g W, grad_W += gᵀ h). Backward then only hands back the st
 no second pass, no recomputed projections. The matmuls are the three a plain loss needs (plus the
 teacher's projection when it is given as hidden states); everything else is elementwise per chunk.
 
-The teacher is one of `TeacherLogits` (dense logits), `TeacherHidden` (hidden states + lm_head:
-online distillation, its logits are also made per chunk) or `TeacherTopK` (an offline cache).
+The teacher is one of `TeacherLogits`, `TeacherHidden` (its logits are also made per chunk) or
+`TeacherTopK` (see `potstill.losses.plain`, which also holds the unchunked `kd_loss`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from potstill.losses.divergences import (
-    check_finite,
-    check_pair,
-    check_shapes,
-    check_temperature,
-    resolve,
-    upcast,
+from potstill.losses.divergences import check_finite, check_shapes
+from potstill.losses.fused import autograd_kernel, run_dense_chunk
+from potstill.losses.plain import (
+    KDLoss,
+    Teacher,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherTopK,
+    check_arguments,
+    chunk_teacher,
+    flatten_teacher,
+    kd_loss,
+    token_kd_ratio,
+    token_losses,
 )
-from potstill.losses.fused import run_dense_chunk
-from potstill.losses.reduce import (
-    IGNORE_INDEX,
-    count_target_tokens,
-    normalise,
-    target_mask,
-    token_weights,
-)
-from potstill.losses.sparse import bucket_log_probs, check_sparse, check_tail
-from potstill.losses.weighting import Fixed, TeacherConfidence, mix
+from potstill.losses.reduce import IGNORE_INDEX, normalise, target_mask, token_weights
+from potstill.losses.registry import Divergence
+from potstill.losses.weighting import mix
+
+# Re-exported: callers import the teacher kinds and kd_loss from here too.
+__all__ = [
+    "KDLoss",
+    "TeacherHidden",
+    "TeacherLogits",
+    "TeacherTopK",
+    "chunked_kd_loss",
+    "default_chunk_size",
+    "kd_loss",
+]
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class TeacherLogits:
-    logits: Tensor
-    """(N, V) or (..., V)"""
-
-
-@dataclass
-class TeacherHidden:
-    hidden: Tensor
-    """(N, H_t) final hidden states of the teacher"""
-    weight: Tensor
-    """(V, H_t) the teacher's lm_head"""
-    bias: Tensor | None = None
-
-
-@dataclass
-class TeacherTopK:
-    ids: Tensor
-    """(N, k) token ids"""
-    log_probs: Tensor
-    """(N, k) log-probabilities at the distillation temperature"""
-
-
-Teacher = TeacherLogits | TeacherHidden | TeacherTopK
-
-
-@dataclass
-class KDLoss:
-    """The loss and what to log about it."""
-
-    loss: Tensor
-    """Scalar: Σ_tokens [(1 − kd_ratio) CE + kd_ratio T² soft] / num_target_tokens."""
-    ce_sum: float
-    """Σ CE over this batch's target tokens."""
-    soft_sum: float
-    """Σ soft divergence (before T²) over this batch's target tokens."""
-    kd_ratio_mean: float
-    """The mean α used over target tokens (for logging dynamic strategies)."""
-    tokens: int
-    """Target tokens in this batch."""
-
-
-def _chunk_teacher(teacher: Teacher, start: int, end: int) -> tuple[str, Tensor, Tensor | None]:
-    if isinstance(teacher, TeacherTopK):
-        return "topk", teacher.ids[start:end], teacher.log_probs[start:end]
-    if isinstance(teacher, TeacherHidden):
-        logits = teacher.hidden[start:end] @ teacher.weight.T
-        if teacher.bias is not None:
-            logits = logits + teacher.bias
-        return "dense", logits, None
-    return "dense", teacher.logits[start:end], None
-
-
-def token_losses(
-    student_logits, labels, teacher_part, *, core, temperature, tail, kd_ratio, row_offset=0
-):
-    """Per-token CE, soft divergence and kd_ratio for one chunk. (c, V), (c,) -> three (c,)
-
-    `teacher_part` is ("dense", logits (c, V), None) or ("topk", ids (c, k), log_probs (c, k)).
-    """
-    kind, t_main, t_log_probs = teacher_part
-    z = upcast(student_logits)
-    log_q1 = F.log_softmax(z, dim=-1)
-    log_q = log_q1 if temperature == 1.0 else F.log_softmax(z / temperature, -1)
-    safe_labels = labels.clamp(min=0).unsqueeze(-1)
-    ce = -log_q1.gather(-1, safe_labels).squeeze(-1)
-    if kind == "topk":
-        check_sparse(student_logits, t_main, t_log_probs, row_offset)
-        soft = core(*bucket_log_probs(log_q, t_main, t_log_probs, tail))
-    else:
-        check_pair(student_logits, t_main, row_offset)
-        log_p = F.log_softmax(upcast(t_main) / temperature, dim=-1)
-        soft = core(log_q, log_p)
-    if kind == "topk":
-        a = _token_kd_ratio(
-            kd_ratio,
-            labels,
-            teacher_ids=t_main,
-            teacher_log_probs=t_log_probs,
-            vocab_size=student_logits.shape[-1],
-        )
-    else:
-        a = _token_kd_ratio(
-            kd_ratio, labels, teacher_logits=t_main, log_p=log_p if temperature == 1.0 else None
-        )
-    return ce, soft, a
-
-
-@torch.no_grad()
-def _token_kd_ratio(
-    kd_ratio,
-    labels,
-    *,
-    teacher_logits=None,
-    log_p=None,
-    teacher_ids=None,
-    teacher_log_probs=None,
-    vocab_size=None,
-):
-    """kd_ratio per token (c,): the number itself, or TeacherConfidence from the teacher at T = 1
-    (dense: its logits, or `log_p` when already at T = 1; sparse: its top-k ids and log-probs)."""
-    if not isinstance(kd_ratio, TeacherConfidence):
-        return torch.full(labels.shape, kd_ratio)
-    if teacher_ids is not None:
-        return kd_ratio(
-            teacher_log_probs=teacher_log_probs,
-            labels=labels,
-            teacher_ids=teacher_ids,
-            vocab_size=vocab_size,
-        )
-    if log_p is None:
-        log_p = F.log_softmax(upcast(teacher_logits), -1)
-    return kd_ratio(teacher_log_probs=log_p, labels=labels)
-
-
-def _setup(
-    labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
-):
-    check_temperature(temperature)
-    check_tail(tail)
-    if isinstance(kd_ratio, Fixed):
-        kd_ratio = kd_ratio()
-    if not isinstance(kd_ratio, TeacherConfidence):
-        if not isinstance(kd_ratio, int | float):
-            raise ValueError(
-                f"kd_ratio takes a number or TeacherConfidence, got {type(kd_ratio).__name__}; "
-                "evaluate step-dependent strategies in the loop: kd_ratio=schedule(step=step)"
-            )
-        if not 0.0 <= kd_ratio <= 1.0:
-            raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
-        kd_ratio = float(kd_ratio)
-    core = resolve(divergence, params)
-    if num_target_tokens is None:
-        num_target_tokens = count_target_tokens(labels, ignore_index)
-    return core, kd_ratio, int(num_target_tokens)
-
-
-def kd_loss(
-    student_logits: Tensor,
-    labels: Tensor,
-    teacher: Teacher,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    kd_ratio=0.5,
-    num_target_tokens: int | None = None,
-    tail: str = "bucket",
-    ignore_index: int = IGNORE_INDEX,
-    **params: float,
-) -> KDLoss:
-    """The plain (unchunked) loss from student logits, for any teacher. (N, V), (N,) -> KDLoss
-
-    `kd_ratio` (the α of the mix) is a number in [0, 1] (for `Schedule` and `Balance`, their
-    value for this step), `Fixed`, or `TeacherConfidence` (per token). `params` is the
-    divergence's own parameter (`beta` for jsd, `alpha` for the skew KLs). `num_target_tokens`
-    is the count over the whole accumulation window (defaults to this batch's).
-    """
-    student_logits = student_logits.reshape(-1, student_logits.shape[-1])
-    labels = labels.reshape(-1)
-    core, kd_ratio, n = _setup(
-        labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
-    )
-    part = _chunk_teacher(_flatten_teacher(teacher), 0, labels.shape[0])
-    ce, soft, a = token_losses(
-        student_logits,
-        labels,
-        part,
-        core=core,
-        temperature=temperature,
-        tail=tail,
-        kd_ratio=kd_ratio,
-    )
-    mask = target_mask(labels, ignore_index)
-    return KDLoss(
-        loss=normalise(mix(ce, soft, a, temperature), mask, n),
-        ce_sum=float(ce.detach()[mask].sum()),
-        soft_sum=float(soft.detach()[mask].sum()),
-        kd_ratio_mean=float(a[mask].mean()) if mask.any() else math.nan,
-        tokens=int(mask.sum()),
-    )
-
-
-def _flatten_teacher(teacher: Teacher) -> Teacher:
-    if isinstance(teacher, TeacherLogits):
-        return TeacherLogits(teacher.logits.reshape(-1, teacher.logits.shape[-1]))
-    if isinstance(teacher, TeacherHidden):
-        return TeacherHidden(
-            teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, teacher.bias
-        )
-    return TeacherTopK(
-        teacher.ids.reshape(-1, teacher.ids.shape[-1]),
-        teacher.log_probs.reshape(-1, teacher.log_probs.shape[-1]),
-    )
 
 
 def _check_dense_teacher(teacher, rows: int, vocab: int) -> None:
@@ -245,10 +62,10 @@ def _check_dense_teacher(teacher, rows: int, vocab: int) -> None:
 
 
 def _dense_step(
-    logits, t_logits, labels, mask, n, divergence, param, temperature, kd_ratio, row_offset, pad_to
+    logits, t_logits, labels, mask, n, kernel, params, temperature, kd_ratio, row_offset, pad_to
 ):
-    """One chunk through the closed-form kernel: loss, ∂loss/∂logits and the per-token parts."""
-    a = _token_kd_ratio(kd_ratio, labels, teacher_logits=t_logits)
+    """One chunk through a fused kernel: loss, ∂loss/∂logits and the per-token parts."""
+    a = token_kd_ratio(kd_ratio, labels, teacher_logits=t_logits)
     weight = token_weights(mask, n)
     w_ce, w_soft = (weight * (1.0 - a)).unsqueeze(-1), (weight * a).unsqueeze(-1)
     safe_labels = labels.clamp(min=0)
@@ -257,7 +74,7 @@ def _dense_step(
     if pad_to is not None and rows < pad_to:  # one compiled shape for every chunk
         args = [F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad_to - rows)) for x in args]
     ce, soft, g, finite = run_dense_chunk(
-        *args, temperature, divergence, param, compile=pad_to is not None
+        *args, temperature, kernel, params, compile=pad_to is not None
     )
     ce, soft, g, finite = ce[:rows], soft[:rows], g[:rows], finite[:rows]
     if not bool(finite.all()):
@@ -294,6 +111,99 @@ class _FusedKD(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None
 
 
+@dataclass
+class _Plan:
+    """What every chunk of one `chunked_kd_loss` call shares."""
+
+    labels: Tensor
+    mask: Tensor
+    teacher: Teacher
+    n: int
+    row: Divergence
+    bound: dict
+    temperature: float
+    kd_ratio: object
+    tail: str
+    chunk: int
+    compile: bool
+
+    @property
+    def dense(self) -> bool:
+        return not isinstance(self.teacher, TeacherTopK)
+
+    def chunk_loss(self, logits: Tensor, start: int, end: int):
+        """(loss, ∂loss/∂logits (c, V), ce, soft, kd_ratio (c,)) for rows start:end."""
+        part = chunk_teacher(self.teacher, start, end)
+        labels, mask = self.labels[start:end], self.mask[start:end]
+        if self.dense:
+            # Without a closed form the same fused step takes ∂D/∂s by autograd through the core.
+            kernel = self.row.kernel or autograd_kernel(self.row.core)
+            return _dense_step(
+                logits,
+                part[1],
+                labels,
+                mask,
+                self.n,
+                kernel,
+                self.bound,
+                self.temperature,
+                self.kd_ratio,
+                start,
+                self.chunk if self.compile else None,
+            )
+        logits = logits.float().requires_grad_()
+        with torch.enable_grad():
+            ce, soft, a = token_losses(
+                logits,
+                labels,
+                part,
+                core=functools.partial(self.row.core, **self.bound),
+                temperature=self.temperature,
+                tail=self.tail,
+                kd_ratio=self.kd_ratio,
+                row_offset=start,
+            )
+            loss = normalise(mix(ce, soft, a, self.temperature), mask, self.n)
+            (g,) = torch.autograd.grad(loss, logits)
+        return loss, g, ce, soft, a
+
+
+def _run_chunks(plan: _Plan, stats: dict, hidden, weight, bias, needs_grad):
+    """Loss and the gradients for (hidden, weight, bias), chunk by chunk; fills `stats`."""
+    h_all, w = hidden.detach(), weight.detach()
+    rows, vocab = h_all.shape[0], w.shape[0]
+    grad_h = torch.zeros_like(h_all) if needs_grad[0] else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32) if needs_grad[1] else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32) if bias is not None and needs_grad[2] else None
+    total = torch.zeros((), dtype=torch.float32)
+    for start in range(0, rows, plan.chunk):
+        end = min(start + plan.chunk, rows)
+        m = plan.mask[start:end]
+        if not m.any():
+            continue
+        h = h_all[start:end]
+        logits = h @ w.T
+        if bias is not None:
+            logits = logits + bias.detach()
+        chunk_loss, g, ce, soft, a = plan.chunk_loss(logits, start, end)
+        total += chunk_loss.detach()
+        stats["ce"] += float(ce.detach()[m].sum())
+        stats["soft"] += float(soft.detach()[m].sum())
+        stats["kd_ratio"] += float(a[m].sum())
+        if grad_h is not None:
+            grad_h[start:end] = g.to(w.dtype) @ w
+        if grad_w is not None:  # accumulated in float32 whatever the weights' dtype
+            grad_w.addmm_(g.T, h.float())
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    return (
+        total,
+        grad_h,
+        grad_w.to(w.dtype) if grad_w is not None else None,
+        grad_b.to(w.dtype) if grad_b is not None else None,
+    )
+
+
 def chunked_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -315,13 +225,14 @@ def chunked_kd_loss(
 
     student_hidden: (..., H) already aligned with `labels` (...) (shift before calling);
     student_weight: (V, H). Same arguments and result as `kd_loss`. Dense teachers use the
-    closed-form kernels of `potstill.losses.fused`; `compile` runs them through torch.compile
-    (None = when a chunk holds at least 4M logits, i.e. real vocabularies).
+    divergence's closed-form kernel (`potstill.losses.fused`), or autograd through its core where
+    its registry row has none; `compile` runs closed-form kernels through torch.compile (None =
+    when a chunk holds at least 4M logits, i.e. real vocabularies).
     """
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = labels.reshape(-1)
-    teacher = _flatten_teacher(teacher)
-    core, kd_ratio, n = _setup(
+    teacher = flatten_teacher(teacher)
+    row, bound, kd_ratio, n = check_arguments(
         labels, divergence, params, temperature, tail, kd_ratio, num_target_tokens, ignore_index
     )
     if hidden.shape[0] != labels.shape[0]:
@@ -330,77 +241,25 @@ def chunked_kd_loss(
         )
     vocab = student_weight.shape[0]
     chunk = max(1, min(chunk_size or default_chunk_size(vocab), hidden.shape[0]))
-    stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
-    mask = target_mask(labels, ignore_index)
-
-    dense = not isinstance(teacher, TeacherTopK)
-    if dense:
+    if not isinstance(teacher, TeacherTopK):
         _check_dense_teacher(teacher, hidden.shape[0], vocab)
     if compile is None:
         compile = chunk * vocab >= 1 << 22
-    param = float(next(iter(params.values()), 0.0))  # resolve() allowed at most the one it takes
+    # autograd.grad inside a compiled graph would break it: the autograd fallback stays eager.
+    compile = compile and row.kernel is not None
+    mask = target_mask(labels, ignore_index)
+    plan = _Plan(labels, mask, teacher, n, row, bound, temperature, kd_ratio, tail, chunk, compile)
+    stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
 
     def compute(needs_grad):
-        h_all, w = hidden.detach(), student_weight.detach()
-        grad_h = torch.zeros_like(h_all) if needs_grad[0] else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32) if needs_grad[1] else None
-        has_bias = student_bias is not None
-        grad_b = torch.zeros(vocab, dtype=torch.float32) if has_bias and needs_grad[2] else None
-        total = torch.zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
-            m = mask[start:end]
-            if not m.any():
-                continue
-            h = h_all[start:end]
-            logits = h @ w.T
-            if has_bias:
-                logits = logits + student_bias.detach()
-            part = _chunk_teacher(teacher, start, end)
-            if dense:
-                chunk_loss, g, ce, soft, a = _dense_step(
-                    logits,
-                    part[1],
-                    labels[start:end],
-                    m,
-                    n,
-                    divergence,
-                    param,
-                    temperature,
-                    kd_ratio,
-                    start,
-                    chunk if compile else None,
-                )
-            else:
-                logits = logits.float().requires_grad_()
-                with torch.enable_grad():
-                    ce, soft, a = token_losses(
-                        logits,
-                        labels[start:end],
-                        part,
-                        core=core,
-                        temperature=temperature,
-                        tail=tail,
-                        kd_ratio=kd_ratio,
-                        row_offset=start,
-                    )
-                    chunk_loss = normalise(mix(ce, soft, a, temperature), m, n)
-                    (g,) = torch.autograd.grad(chunk_loss, logits)
-            total += chunk_loss.detach()
-            stats["ce"] += float(ce.detach()[m].sum())
-            stats["soft"] += float(soft.detach()[m].sum())
-            stats["kd_ratio"] += float(a[m].sum())
-            if grad_h is not None:
-                grad_h[start:end] = g.to(w.dtype) @ w
-            if grad_w is not None:  # accumulated in float32 whatever the weights' dtype
-                grad_w.addmm_(g.T, h.float())
-            if grad_b is not None:
-                grad_b += g.sum(0)
+        loss, grad_h, grad_w, grad_b = _run_chunks(
+            plan, stats, hidden, student_weight, student_bias, needs_grad
+        )
         return (
-            total,
+            loss,
             grad_h.reshape(student_hidden.shape) if grad_h is not None else None,
-            grad_w.to(w.dtype) if grad_w is not None else None,
-            grad_b.to(w.dtype) if grad_b is not None else None,
+            grad_w,
+            grad_b,
         )
 
     loss = _FusedKD.apply(student_hidden, student_weight, student_bias, compute)

@@ -17,6 +17,9 @@ Conventions (see docs/losses.md):
 - skew_forward_kl(α) = KL(p ‖ α p + (1 − α) q), skew_reverse_kl(α) = KL(q ‖ α q + (1 − α) p)
   (DistiLLM, Ko et al. 2024); α = 0 gives the plain KLs;
 - tvd = ½ Σ |p − q|.
+
+Which divergences exist, and their parameters, is `potstill.losses.registry` (`DIVERGENCES`,
+`divergence_names()`, `register`).
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def _prepare(student_logits, teacher_logits, temperature):
+def prepare(student_logits, teacher_logits, temperature):
+    """Checked (log q, log p) at temperature T from logits. (..., V), (..., V) -> two (..., V)"""
     check_temperature(temperature)
     check_pair(student_logits, teacher_logits)
     return _log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature)
@@ -104,7 +108,8 @@ def _prepare(student_logits, teacher_logits, temperature):
 
 # Cores: (log_q, log_p, **params) -> per token, on normalised log-probabilities. The public
 # functions below validate and soften logits, then call these; the chunked and sparse paths call
-# them directly on log-probabilities they already have.
+# them directly on log-probabilities they already have. Each is one row of
+# potstill.losses.registry, which holds the names, kernels and parameter defaults.
 
 
 def forward_kl_core(log_q: Tensor, log_p: Tensor) -> Tensor:
@@ -136,14 +141,14 @@ def forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
 ) -> Tensor:
     """KL(p_teacher ‖ q_student) per token. (..., V), (..., V) -> (...)"""
-    return forward_kl_core(*_prepare(student_logits, teacher_logits, temperature))
+    return forward_kl_core(*prepare(student_logits, teacher_logits, temperature))
 
 
 def reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
 ) -> Tensor:
     """KL(q_student ‖ p_teacher) per token (Gu et al. 2024, MiniLLM). (..., V), (..., V) -> (...)"""
-    return reverse_kl_core(*_prepare(student_logits, teacher_logits, temperature))
+    return reverse_kl_core(*prepare(student_logits, teacher_logits, temperature))
 
 
 def jsd(
@@ -154,7 +159,7 @@ def jsd(
     β KL(p ‖ m) + (1 − β) KL(q ‖ m) with m = β p + (1 − β) q; β = 0.5 is the symmetric JSD.
     """
     check_unit("beta", beta)
-    return jsd_core(*_prepare(student_logits, teacher_logits, temperature), beta=beta)
+    return jsd_core(*prepare(student_logits, teacher_logits, temperature), beta=beta)
 
 
 def skew_forward_kl(
@@ -162,7 +167,7 @@ def skew_forward_kl(
 ) -> Tensor:
     """KL(p ‖ α p + (1 − α) q) per token (Ko et al. 2024, DistiLLM). (..., V) -> (...)"""
     check_unit("alpha", alpha)
-    return skew_forward_kl_core(*_prepare(student_logits, teacher_logits, temperature), alpha=alpha)
+    return skew_forward_kl_core(*prepare(student_logits, teacher_logits, temperature), alpha=alpha)
 
 
 def skew_reverse_kl(
@@ -170,45 +175,9 @@ def skew_reverse_kl(
 ) -> Tensor:
     """KL(q ‖ α q + (1 − α) p) per token (Ko et al. 2024, DistiLLM). (..., V) -> (...)"""
     check_unit("alpha", alpha)
-    return skew_reverse_kl_core(*_prepare(student_logits, teacher_logits, temperature), alpha=alpha)
+    return skew_reverse_kl_core(*prepare(student_logits, teacher_logits, temperature), alpha=alpha)
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Total variation distance ½ Σ |p − q| per token. (..., V), (..., V) -> (...)"""
-    return tvd_core(*_prepare(student_logits, teacher_logits, temperature))
-
-
-DIVERGENCES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
-CORES = {
-    "forward_kl": forward_kl_core,
-    "reverse_kl": reverse_kl_core,
-    "jsd": jsd_core,
-    "skew_forward_kl": skew_forward_kl_core,
-    "skew_reverse_kl": skew_reverse_kl_core,
-    "tvd": tvd_core,
-}
-PARAMS = {"jsd": ("beta",), "skew_forward_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
-"""The extra parameter each divergence takes (each must lie in [0, 1])."""
-
-
-def resolve(name: str, params: dict | None = None):
-    """The core for `name` with its parameters checked and bound: (log_q, log_p) -> per token."""
-    if name not in CORES:
-        raise ValueError(f"unknown divergence '{name}'; choose one of {', '.join(CORES)}")
-    params = dict(params or {})
-    allowed = PARAMS.get(name, ())
-    unknown = set(params) - set(allowed)
-    if unknown:
-        takes = f"takes only {', '.join(allowed)}" if allowed else "takes no parameters"
-        raise ValueError(f"divergence '{name}' {takes}, got {', '.join(sorted(unknown))}")
-    for key, value in params.items():
-        check_unit(key, value)
-    core = CORES[name]
-    return (lambda log_q, log_p: core(log_q, log_p, **params)) if params else core
+    return tvd_core(*prepare(student_logits, teacher_logits, temperature))

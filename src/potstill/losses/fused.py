@@ -11,6 +11,9 @@ With s = z/T, q = softmax(s), p = softmax(t/T) and g = ∂D/∂q, the softmax ch
     skew rev(α)  q ⊙ (g − Σ q g),       g = log q − log r − α q / r, r = α q + (1 − α) p
     TVD          q ⊙ (g − Σ q g),       g = ½ sign(q − p)
 
+A divergence registered without a kernel gets `autograd_kernel(core)`: the same (value, ∂D/∂s)
+by autograd through its core, one chunk at a time (exact, slower, never compiled).
+
 The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so
 ∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
 `compile=True` runs the kernel through `torch.compile`, which fuses these elementwise passes into a
@@ -40,17 +43,17 @@ def _chain(q: Tensor, g: Tensor) -> Tensor:
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 
-def _forward_kl(log_q, q, log_p, p, param: float = 0.0):
+def forward_kl_kernel(log_q, q, log_p, p):
     return (p * (log_p - log_q)).sum(-1), q - p
 
 
-def _reverse_kl(log_q, q, log_p, p, param: float = 0.0):
+def reverse_kl_kernel(log_q, q, log_p, p):
     diff = log_q - log_p
     value = (q * diff).sum(-1, keepdim=True)
     return value.squeeze(-1), q * (diff - value)
 
 
-def _jsd(log_q, q, log_p, p, beta: float = 0.5):
+def jsd_kernel(log_q, q, log_p, p, beta: float):
     log_m = _log(beta * p + (1.0 - beta) * q)
     diff_q = log_q - log_m
     kl_q = (q * diff_q).sum(-1, keepdim=True)
@@ -58,34 +61,47 @@ def _jsd(log_q, q, log_p, p, beta: float = 0.5):
     return beta * kl_p + (1.0 - beta) * kl_q.squeeze(-1), (1.0 - beta) * q * (diff_q - kl_q)
 
 
-def _skew_forward_kl(log_q, q, log_p, p, alpha: float):
+def skew_forward_kl_kernel(log_q, q, log_p, p, alpha: float):
     r = alpha * p + (1.0 - alpha) * q
     value = (p * (log_p - _log(r))).sum(-1)
     u = p * (q / r.clamp(min=1e-38))
     return value, (1.0 - alpha) * (q * u.sum(-1, keepdim=True) - u)
 
 
-def _skew_reverse_kl(log_q, q, log_p, p, alpha: float):
+def skew_reverse_kl_kernel(log_q, q, log_p, p, alpha: float):
     r = alpha * q + (1.0 - alpha) * p
     diff = log_q - _log(r)
     value = (q * diff).sum(-1)
     return value, _chain(q, diff - alpha * (q / r.clamp(min=1e-38)))
 
 
-def _tvd(log_q, q, log_p, p, param: float = 0.0):
+def tvd_kernel(log_q, q, log_p, p):
     return 0.5 * (p - q).abs().sum(-1), _chain(q, 0.5 * torch.sign(q - p))
 
 
-# Each kernel: (log_q, q, log_p, p, param) -> (value (c,), ∂D/∂s (c, V)); param is β or α where
-# the divergence takes one, ignored otherwise.
-DIVERGENCE_KERNELS = {
-    "forward_kl": _forward_kl,
-    "reverse_kl": _reverse_kl,
-    "jsd": _jsd,
-    "skew_forward_kl": _skew_forward_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "tvd": _tvd,
-}
+# Each kernel: (log_q, q, log_p, p, **params) -> (value (c,), ∂D/∂s (c, V)), params being the
+# registry row's (potstill.losses.registry), bound and checked there.
+
+
+@functools.cache
+def autograd_kernel(core):
+    """A kernel for a divergence with no closed form: value and ∂D/∂s by autograd through `core`.
+
+    Differentiating w.r.t. log_q (fed back through log_softmax, which leaves it unchanged) gives
+    ∂D/∂s exactly: log_softmax is shift-invariant, so its Jacobian at log_q equals the one at s.
+    Cached so each core keeps one kernel object (stable across chunks).
+    """
+
+    def kernel(log_q, q, log_p, p, **params):
+        # The fused loss runs inside an autograd.Function forward, where grad mode is off.
+        with torch.enable_grad():
+            s = log_q.detach().requires_grad_()
+            value = core(torch.log_softmax(s, -1), log_p.detach(), **params)
+            (grad,) = torch.autograd.grad(value.sum(), s)  # rows are independent: sum is exact
+        return value.detach(), grad
+
+    kernel.__name__ = f"autograd_{getattr(core, '__name__', 'core')}"
+    return kernel
 
 
 def dense_chunk(
@@ -95,10 +111,13 @@ def dense_chunk(
     w_ce: Tensor,
     w_soft: Tensor,
     temperature: float,
-    divergence: str,
-    param: float,
+    kernel,
+    params: dict,
 ):
     """CE, soft value and ∂loss/∂z for one chunk. (c, V), (c, V), (c,), (c, 1), (c, 1)
+
+    `kernel` is a registry row's kernel (or `autograd_kernel(row.core)`), `params` its bound
+    parameters.
 
     Returns ce (c,), soft (c,), grad (c, V) — the gradient *without* the −w_ce onehot term, which
     the caller scatters in — and a per-row "teacher finite" flag (c,).
@@ -114,7 +133,7 @@ def dense_chunk(
         q = log_q.exp()
     log_p = torch.log_softmax(t / temperature, -1)
     p = log_p.exp()
-    soft, grad_s = DIVERGENCE_KERNELS[divergence](log_q, q, log_p, p, param)
+    soft, grad_s = kernel(log_q, q, log_p, p, **params)
     ce = -log_q1.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     grad = w_ce * q1 + (w_soft * temperature) * grad_s
     finite = torch.isfinite(t).all(-1)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from potstill.losses.divergences import check_finite, check_temperature, resolve, upcast
+from potstill.losses.divergences import check_finite, check_temperature, upcast
+from potstill.losses.registry import resolve
 
 Tensor = torch.Tensor
 TAILS = ("bucket", "renormalise")
@@ -94,11 +95,12 @@ def sparse_divergence(
 ) -> Tensor:
     """A divergence against a top-k teacher, per token. (..., V), (..., k), (..., k) -> (...)
 
-    `divergence` is any of `potstill.losses.DIVERGENCES` and `params` its parameter (beta, alpha).
+    `divergence` is any registered name (`potstill.losses.divergence_names()`) and `params` its
+    parameters (beta, alpha; defaults from the registry).
     """
     check_temperature(temperature)
     check_tail(tail)
-    core = resolve(divergence, params)
+    row, bound = resolve(divergence, params)
     check_sparse(student_logits, teacher_ids, teacher_log_probs)
     log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    return core(*bucket_log_probs(log_q, teacher_ids, teacher_log_probs, tail))
+    return row.core(*bucket_log_probs(log_q, teacher_ids, teacher_log_probs, tail), **bound)
