@@ -129,3 +129,14 @@ def test_every_accelerate_config_loads_in_accelerate(path):
     cluster = ClusterConfig.from_yaml_file(str(path))
     expected = "no" if cluster.use_cpu else "bf16"  # CPUs here have no fast bf16 matmul
     assert cluster.mixed_precision == expected and cluster.num_processes >= 1
+
+
+def test_a_bad_value_inside_an_optional_section_names_itself():
+    """lora is `LoraConfig | None`: a mapping with a bad rank is that section's error, not
+    "expected a mapping or null, got dict"."""
+    from potstill.errors import ConfigError
+    from potstill.stages.sft import SFTConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, overrides=["model.lora={r: 0}"])
+    assert str(err.value) == "model.lora.r: must be a positive integer, got 0"

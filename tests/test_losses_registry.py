@@ -3,6 +3,7 @@ through its core, a divergence registered with no kernel works on every loss pat
 and parameters are one-line ConfigErrors."""
 
 import inspect
+import math
 import warnings
 
 import pytest
@@ -275,3 +276,30 @@ def test_malformed_rows_are_refused_at_registration(row, message):
     with pytest.raises(ValueError, match=message):
         register(row)
     assert divergence_names() == BUILTINS
+
+
+def test_a_registered_divergence_trains_a_distill_step_through_the_config(
+    throwaways, tiny_model_dir, tmp_path
+):
+    """One function + one registry row is all a new divergence needs: the config accepts it
+    (with its own parameter, through loss.params) and `distill` trains with it."""
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    from potstill.config import load_config
+    from potstill.stages.distill import DistillConfig, run_distill
+
+    from .distill_helpers import distill_overrides, make_teacher_dir, write_data
+
+    teacher, data = make_teacher_dir(tmp_path / "teacher"), write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    overrides = distill_overrides(
+        tiny_model_dir, teacher, data, out, "train.max_steps=1", "train.save_every=1",
+        "loss.divergence=test_amari", "loss.params={order: 0.3}", "loss.kd_ratio.value=1.0",
+    )  # fmt: skip
+    result = run_distill(load_config(DistillConfig, overrides=overrides), Console(quiet=True))
+    assert result["step"] == 1 and math.isfinite(result["soft"]) and result["soft"] > 0
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
+    with pytest.raises(ConfigError, match="order must be in \\[0.05, 0.95\\], got 2.0"):
+        load_config(DistillConfig, overrides=[*overrides, "loss.params={order: 2.0}"])

@@ -54,6 +54,10 @@ def _convert(value: Any, tp, key: str):
             try:
                 return _convert(value, arg, key)
             except ConfigError:
+                # A mapping given for a section is that section: its own error (lora.r: 0)
+                # says what is wrong, "expected a mapping or null, got dict" would not.
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise
                 continue
         raise _type_error(value, tp, key)
     if origin is Literal:

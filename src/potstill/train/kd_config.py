@@ -5,11 +5,12 @@ Each field's help is the docstring under it (`potstill config show distill`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import ModelConfig, SamplingConfig
+from potstill.config.sections import MIN_TEMPERATURE, ModelConfig, SamplingConfig
 
 
 @dataclass
@@ -84,14 +85,17 @@ class KDRatioConfig:
 
 @dataclass
 class KDLossConfig:
-    divergence: Literal[
-        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"
-    ] = "forward_kl"
-    """Soft loss between teacher p and student q (docs/losses.md has each formula)."""
+    divergence: str = "forward_kl"
+    """Soft loss between teacher p and student q: forward_kl, reverse_kl, jsd, skew_forward_kl,
+    skew_reverse_kl, tvd, or any divergence registered in potstill.losses (docs/losses.md has
+    each formula and how to add one)."""
     beta: float = 0.5
     """jsd only: the mixture weight β of m = β p + (1 - β) q."""
     skew: float = 0.1
     """skew_forward_kl / skew_reverse_kl only: the skew α."""
+    params: dict[str, float] = field(default_factory=dict)
+    """Parameters of the divergence by its registry names, for divergences beyond beta and skew
+    (e.g. {gamma: 0.3}); a name given here wins over beta/skew."""
     temperature: float = 1.0
     """Softmax temperature of both distributions; the soft loss is scaled by T². Offline, the
     cache's log-probs are used as cached: make it at this temperature."""
@@ -105,15 +109,31 @@ class KDLossConfig:
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, f"beta: must be in [0, 1], got {self.beta}")
         check(0.0 <= self.skew <= 1.0, f"skew: must be in [0, 1], got {self.skew}")
-        check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
+        check(
+            math.isfinite(self.temperature) and self.temperature >= MIN_TEMPERATURE,
+            f"temperature: must be a finite value >= {MIN_TEMPERATURE}, got {self.temperature}",
+        )
         check(
             self.chunk_size is None or self.chunk_size > 0,
             f"chunk_size: must be > 0, got {self.chunk_size}",
         )
+        # The registry (imported here: it imports torch) names the divergence and checks its
+        # parameters, so a config accepts exactly what the losses can compute.
+        from potstill.errors import ConfigError
+        from potstill.losses.registry import check_divergence
+
+        try:
+            check_divergence(self.divergence, self.divergence_params())
+        except ConfigError as exc:
+            raise ConfigError(f"divergence: {exc}") from None
 
     def divergence_params(self) -> dict[str, float]:
-        if self.divergence == "jsd":
-            return {"beta": self.beta}
-        if self.divergence.startswith("skew_"):
-            return {"alpha": self.skew}
-        return {}
+        """The keyword parameters of the divergence: beta and skew under the names the
+        built-in rows use (jsd's beta, the skews' alpha), then `params`."""
+        from potstill.losses.registry import divergence_names, get_divergence
+
+        if self.divergence not in divergence_names():
+            return dict(self.params)
+        takes = {p.name for p in get_divergence(self.divergence).params}
+        shorthands = {"beta": self.beta, "alpha": self.skew}
+        return {**{k: v for k, v in shorthands.items() if k in takes}, **self.params}
