@@ -29,6 +29,10 @@ class DataError(PotstillError):
         self.problems = problems or [message]
 
 
+class TrainingError(PotstillError):
+    """Training cannot go on (a non-finite loss): the run's last good checkpoint is kept."""
+
+
 class ModelError(PotstillError):
     """A model spec cannot be resolved, downloaded, verified or loaded."""
 

@@ -241,6 +241,9 @@ class TrainConfig:
             self.keep_checkpoints > 0,
             f"keep_checkpoints: must be > 0, got {self.keep_checkpoints}",
         )
+        for name in ("lr", "warmup_ratio", "epochs", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            check(math.isfinite(value), f"{name}: must be a finite number, got {value}")
         check(self.lr > 0, f"lr: must be > 0, got {self.lr}; a usual value is 1e-5")
         check(
             0 <= self.warmup_ratio < 1, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}"

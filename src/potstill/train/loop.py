@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from potstill.config.sections import TrainConfig
+from potstill.errors import ConfigError, TrainingError
 from potstill.runs import RunDir
 from potstill.train.checkpoint import (
     LoopState,
@@ -33,6 +34,7 @@ from potstill.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from potstill.train.processes import make_accelerator, teardown
 
 LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, float]]]
 """(model, micro_batch, target_tokens_in_window) -> (normalised loss, parts to log)."""
@@ -91,34 +93,30 @@ def total_steps(cfg: TrainConfig, plan: DataPlan, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * plan.per_epoch / (cfg.grad_accum * world_size)))
 
 
-def make_accelerator(cfg: TrainConfig, run: RunDir, log_with: list[str]):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+@dataclass
+class Session:
+    """Everything one `train` call holds between steps."""
 
-    from potstill.distributed import check_launch, use_cpu, world_size
+    accelerator: Any
+    model: Any
+    """The wrapped model (DDP under a multi-process launch)."""
+    optimizer: Any
+    scheduler: Any
+    plan: DataPlan
+    steps: int
+    state: LoopState
+    ckpt_dir: Any
+    rng_at_step: dict = field(default_factory=dict)
+    """The RNG as the last finished step left it (what a checkpoint keeps)."""
+    last: dict[str, float] = field(default_factory=dict)
+    start: float = 0.0
+    start_tokens: int = 0
+    grad_accum: int = 1
 
-    check_launch()
-    cpu = use_cpu()
-    precision = cfg.precision
-    if precision == "auto":
-        bf16 = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        precision = "bf16" if bf16 else "fp32"
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision="no" if precision == "fp32" else precision,
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(
-            project_dir=str(run.path), logging_dir=str(run.path / "logs")
-        ),
-    )
-    if accelerator.num_processes != world_size():
-        from potstill.errors import ConfigError
-
-        raise ConfigError(
-            f"the launcher started {world_size()} processes but accelerate joined "
-            f"{accelerator.num_processes}; set ACCELERATE_USE_CPU=1 to train on CPU processes"
-        )
-    return accelerator
+    @property
+    def window(self) -> int:
+        """Micro-batches per optimizer step, over all processes."""
+        return self.grad_accum * self.accelerator.num_processes
 
 
 def train(
@@ -138,12 +136,55 @@ def train(
     """Train until the planned number of steps; checkpoint every `save_every`; resume if a
     checkpoint exists. Returns the final state and last logged values."""
     hooks = hooks or StepHooks()
+    accelerator = make_accelerator(cfg, run, log_with)
+    finished = False
+    try:
+        s = _prepare(cfg, accelerator, model, len(examples), run, console, require_checkpoint)
+        hooks.load_state_dict(s.state.extra)
+        try:
+            _run_steps(s, cfg, examples, collate, count_tokens, loss_fn, run, hooks, console)
+        except KeyboardInterrupt:
+            # Stop cleanly at the last finished step: its weights and data position still
+            # agree. The interrupted step's dropout has drawn from the RNG since: rewind it, or
+            # the resumed run would draw other masks than an uninterrupted one.
+            s.optimizer.zero_grad(set_to_none=True)
+            set_rng_state(s.rng_at_step)
+            _save(s, cfg)
+            raise
+        finished = True
+        return {"step": s.state.step, "steps": s.steps, "tokens": s.state.tokens, **s.last}
+    finally:
+        s = None  # the wrapper goes in teardown, not in a destructor
+        teardown(accelerator, wait=finished)
+
+
+def _run_steps(s: Session, cfg, examples, collate, count_tokens, loss_fn, run, hooks, console):
+    """The steps from the checkpoint (or 0) to the end, top to bottom."""
+    with _progress(console, s.accelerator) as progress:
+        bar = progress.add_task("train", total=s.steps, completed=s.state.step, info="")
+        while s.state.step < s.steps:
+            hooks.before_step(s.state.step, s.steps)
+            batches = _window_batches(s, examples, collate, hooks)
+            sums, window_tokens = _accumulate(s, batches, count_tokens, loss_fn)
+            # The step, its bookkeeping and its log line happen together or not at all: an
+            # interrupt in between would checkpoint the weights of step n as step n - 1.
+            with _deferred_interrupts():
+                _optimizer_step(s, cfg, sums, window_tokens, hooks)
+                if s.accelerator.is_main_process:
+                    _append_metrics(run.path / "metrics.jsonl", {"step": s.state.step, **s.last})
+                run.logger.info("step %d %s", s.state.step, _fmt(s.last))
+                progress.update(bar, completed=s.state.step, info=_fmt(s.last, short=True))
+            if s.state.step % cfg.save_every == 0 or s.state.step == s.steps:
+                _save(s, cfg)
+
+
+def _prepare(cfg, accelerator, model, num_examples, run, console, require_checkpoint) -> Session:
+    """Data plan, optimizer, schedule and the wrapped model; the newest checkpoint loaded."""
     from transformers import get_scheduler
 
-    accelerator = make_accelerator(cfg, run, log_with)
     torch.manual_seed(cfg.seed)  # dropout; a resumed run restores the checkpoint's RNG instead
-    world, rank = accelerator.num_processes, accelerator.process_index
-    plan = DataPlan(len(examples), cfg.micro_batch_size, cfg.seed)
+    world = accelerator.num_processes
+    plan = DataPlan(num_examples, cfg.micro_batch_size, cfg.seed)
     steps = total_steps(cfg, plan, world)
     run.count(processes=world, global_batch=cfg.micro_batch_size * cfg.grad_accum * world)
     if cfg.gradient_checkpointing:
@@ -157,25 +198,25 @@ def train(
         num_training_steps=steps,
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-
     state, ckpt_dir = LoopState(), run.path / "checkpoints"
     found = list_checkpoints(ckpt_dir)
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
-        hooks.load_state_dict(state.extra)
         if accelerator.is_main_process:
             console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
     elif require_checkpoint:
-        from potstill.errors import ConfigError
-
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
     accelerator.init_trackers("train")
-    rng_at_step = rng_state()  # the RNG as the last finished step left it (what a checkpoint keeps)
     model.train()
-    last: dict[str, float] = {}
-    start, start_tokens = time.perf_counter(), state.tokens
-    window = cfg.grad_accum * world
-    progress = Progress(
+    return Session(
+        accelerator, model, optimizer, scheduler, plan, steps, state, ckpt_dir,
+        rng_at_step=rng_state(), start=time.perf_counter(), start_tokens=state.tokens,
+        grad_accum=cfg.grad_accum,
+    )  # fmt: skip
+
+
+def _progress(console, accelerator) -> Progress:
+    return Progress(
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -184,104 +225,70 @@ def train(
         console=console,
         disable=not accelerator.is_main_process,
     )
-    finished = False
-    try:
-        with progress:
-            bar = progress.add_task("train", total=steps, completed=state.step, info="")
-            while state.step < steps:
-                hooks.before_step(state.step, steps)
-                first = state.micro_batches
-                mine = [
-                    collate(
-                        hooks.rollout(
-                            accelerator.unwrap_model(model),
-                            m,
-                            [examples[i] for i in plan.indices(m)],
-                        )
-                    )
-                    for m in range(first + rank, first + window, world)
-                ]
-                tokens = torch.tensor(sum(count_tokens(b) for b in mine), device=accelerator.device)
-                window_tokens = int(accelerator.reduce(tokens, "sum").item())
-                sums: dict[str, float] = {}
-                for i, batch in enumerate(mine):
-                    sync = i == len(mine) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                        loss, parts = loss_fn(model, batch, max(window_tokens, 1))
-                        # DDP averages gradients over processes; the loss is already a global mean.
-                        accelerator.backward(loss * world)
-                    for key, value in {"loss": loss.item(), **parts}.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                # The step, its bookkeeping and its log line happen together or not at all: an
-                # interrupt in between would checkpoint the weights of step n as step n - 1.
-                with _deferred_interrupts():
-                    grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state.step += 1
-                    state.micro_batches += window
-                    state.tokens += window_tokens
-                    elapsed = time.perf_counter() - start
-                    last = {
-                        **{k: _global_sum(accelerator, v) for k, v in sums.items()},
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": (state.tokens - start_tokens) / max(elapsed, 1e-9),
-                    }
-                    hooks.after_step(state.step, last)
-                    state.extra = hooks.state_dict()
-                    rng_at_step = rng_state()
-                    accelerator.log(last, step=state.step)
-                    if accelerator.is_main_process:
-                        _append_metrics(run.path / "metrics.jsonl", {"step": state.step, **last})
-                    run.logger.info("step %d %s", state.step, _fmt(last))
-                    progress.update(bar, completed=state.step, info=_fmt(last, short=True))
-                if state.step % cfg.save_every == 0 or state.step == steps:
-                    _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
-        finished = True
-    except KeyboardInterrupt:
-        # Stop cleanly at the last finished step: its weights and data position still agree.
-        # The interrupted step's dropout has drawn from the RNG since: rewind it, or the resumed
-        # run would draw other masks than an uninterrupted one.
-        optimizer.zero_grad(set_to_none=True)
-        set_rng_state(rng_at_step)
-        _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg)
-        raise
-    finally:
-        del model, optimizer, scheduler  # the wrapper goes in teardown, not in a destructor
-        teardown(accelerator, wait=finished)
-    return {"step": state.step, "steps": steps, "tokens": state.tokens, **last}
 
 
-def teardown(accelerator, *, wait: bool) -> None:
-    """End a (multi-process) run in order: wait for every process, release the wrapped model,
-    destroy the process group.
+def _window_batches(s: Session, examples, collate, hooks: StepHooks) -> list[dict]:
+    """This process's micro-batches of the next step: global indices rank, rank + world, ..."""
+    accelerator, first = s.accelerator, s.state.micro_batches
+    world, rank = accelerator.num_processes, accelerator.process_index
+    policy = accelerator.unwrap_model(s.model)
+    return [
+        collate(hooks.rollout(policy, m, [examples[i] for i in s.plan.indices(m)]))
+        for m in range(first + rank, first + s.window, world)
+    ]
 
-    Left to the garbage collector, the DDP wrapper's destructor drops the last reference to the
-    gloo process group while holding the GIL, and gloo joins a worker thread that needs the GIL
-    to finish its last barrier: the process hangs forever (seen in CI). accelerate's
-    `end_training` destroys the group while the wrapper still lives, so it is not used; the
-    trackers are finished here instead. `wait=False` after an error: another process may be
-    gone, and a barrier would never return.
-    """
-    import gc
 
-    import torch.distributed as dist
+def _accumulate(s: Session, batches, count_tokens, loss_fn) -> tuple[dict[str, float], int]:
+    """Forward and backward over the micro-batches; gradients synced on the last one only.
+    Returns this process's summed logged values and the window's target tokens."""
+    accelerator, world = s.accelerator, s.accelerator.num_processes
+    tokens = torch.tensor(sum(count_tokens(b) for b in batches), device=accelerator.device)
+    window_tokens = int(accelerator.reduce(tokens, "sum").item())
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(s.model):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            loss, parts = loss_fn(s.model, batch, max(window_tokens, 1))
+            # DDP averages gradients over processes; the loss is already a global mean.
+            accelerator.backward(loss * world)
+        for key, value in {"loss": loss.item(), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return sums, window_tokens
 
-    if wait:
-        accelerator.wait_for_everyone()
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    accelerator.free_memory()  # drops accelerate's references to the wrapper and optimizer
-    gc.collect()
-    if dist.is_available() and dist.is_initialized():
-        from accelerate.state import AcceleratorState
 
-        dist.destroy_process_group()
-        # The next trainer in this process (quickstart, compare) starts a fresh group.
-        AcceleratorState._reset_state(reset_partial_state=True)
+def _optimizer_step(s: Session, cfg, sums: dict[str, float], window_tokens: int, hooks) -> None:
+    """Clip, step, schedule, then the bookkeeping of the finished step (state, hooks, RNG, log).
+    A non-finite loss or gradient stops the run before the step: the weights on disk stay the
+    last good checkpoint's."""
+    accelerator, state = s.accelerator, s.state
+    totals = {k: _global_sum(accelerator, v) for k, v in sums.items()}
+    grad_norm = _clip(accelerator, s.model, cfg.max_grad_norm)
+    if not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm)):
+        saved = list_checkpoints(s.ckpt_dir)
+        kept = f"the last good checkpoint is {saved[-1].name}" if saved else "no checkpoint yet"
+        raise TrainingError(
+            f"step {state.step + 1}: the loss is {totals['loss']:g} and the gradient norm "
+            f"{grad_norm:g}; training stopped before the step ({kept}); lower train.lr "
+            f"(now {cfg.lr:g}) or set train.max_grad_norm"
+        )
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.micro_batches += s.window
+    state.tokens += window_tokens
+    elapsed = time.perf_counter() - s.start
+    s.last = {
+        **totals,
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "tokens_per_s": (state.tokens - s.start_tokens) / max(elapsed, 1e-9),
+    }
+    hooks.after_step(state.step, s.last)
+    state.extra = hooks.state_dict()
+    s.rng_at_step = rng_state()
+    accelerator.log(s.last, step=state.step)
 
 
 @contextlib.contextmanager
@@ -303,11 +310,14 @@ def _deferred_interrupts():
         raise KeyboardInterrupt
 
 
-def _save(accelerator, ckpt_dir, state, model, optimizer, scheduler, cfg) -> None:
+def _save(s: Session, cfg) -> None:
+    accelerator = s.accelerator
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and state.step > 0:
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(ckpt_dir, state, unwrapped, optimizer, scheduler, keep=cfg.keep_checkpoints)
+    if accelerator.is_main_process and s.state.step > 0:
+        unwrapped = accelerator.unwrap_model(s.model)
+        save_checkpoint(
+            s.ckpt_dir, s.state, unwrapped, s.optimizer, s.scheduler, keep=cfg.keep_checkpoints
+        )
     accelerator.wait_for_everyone()
 
 
