@@ -133,3 +133,49 @@ def test_cli_data_check(tmp_path):
     assert_one_line_error(run_cli("data", "check", str(bad)), f"{bad}:2: malformed JSON")
     assert bad.read_bytes() == before
     assert_one_line_error(run_cli("data", "check", str(tmp_path / "none.jsonl")), "not found")
+
+
+def test_a_lone_surrogate_is_a_problem_with_its_place(tmp_path):
+    """A `\\udc80` escape reads back as a lone surrogate, which no shard or output file can
+    store: validation reports it (it used to pass, then crash the first write; with no id it
+    crashed the reader itself, hashing the content for one)."""
+    path = jsonl(
+        tmp_path,
+        '{"id": "a", "question": "caf\\udc80"}',
+        '{"question": "q\\ud800", "answer": "1"}',
+        '{"id": "c", "question": "ok", "metadata": {"steps": ["x", "y\\udfff"]}}',
+        '{"id": "d", "question": "fine \\u00e9 \\ud83d\\ude00"}',
+    )
+    with pytest.raises(DataError) as exc:
+        read_records(path)
+    fix = "which no UTF-8 file can store: fix the \\u escape or drop the record"
+    assert exc.value.problems == [
+        f"{path}:1: field 'question' holds a lone surrogate (\\udc80 at character 3), {fix}",
+        f"{path}:2: field 'question' holds a lone surrogate (\\ud800 at character 1), {fix}",
+        f"{path}:3: field 'metadata.steps[1]' holds a lone surrogate (\\udfff at character 1), "
+        + fix,
+    ]  # line 4 is fine: an escaped surrogate pair is one real character
+    assert str(exc.value).startswith(f"{path}:1: field 'question' holds a lone surrogate")
+    assert str(exc.value).endswith("(and 2 more problems)")
+
+
+def test_validate_record_reports_every_field_with_a_lone_surrogate():
+    record, problems = validate_record(
+        {"id": "x\udc80", "question": "q", "note": "n\udc80", "\udc80key": 1}, "x:1"
+    )
+    assert record is None
+    assert [p.split(" (")[0] for p in problems] == [
+        "x:1: field 'id' holds a lone surrogate",
+        "x:1: field 'note' holds a lone surrogate",
+        "x:1: field '\\udc80key' has a lone surrogate in its name",
+    ]
+    for problem in problems:
+        problem.encode("utf-8")  # printable
+
+
+def test_cli_data_check_reports_a_lone_surrogate(tmp_path):
+    bad = jsonl(tmp_path, '{"question": "a"}', '{"question": "b\\udc80"}', name="bad.jsonl")
+    assert_one_line_error(
+        run_cli("data", "check", str(bad)),
+        f"{bad}:2: field 'question' holds a lone surrogate (\\udc80 at character 1)",
+    )

@@ -53,6 +53,54 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {shown}"
 
 
+def escaped(text: str) -> str:
+    """`text` with lone surrogates as \\uXXXX escapes: safe to print and to encode."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_char(text: str) -> str | None:
+    """The first lone surrogate of `text` and where it is, e.g. "\\udc80 at character 3"."""
+    if text.isascii():  # the common case, and surrogates are never ASCII
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{escaped(text[exc.start])} at character {exc.start}"
+    return None
+
+
+def _in_value(value, name: str) -> str | None:
+    """Where the first lone surrogate inside `value` (the field `name`) is; None if nowhere."""
+    if isinstance(value, str):
+        bad = _bad_char(value)
+        return None if bad is None else f"field '{name}' holds a lone surrogate ({bad})"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{name}.{escaped(str(key))}" if name else escaped(str(key))
+            if isinstance(key, str) and (bad := _bad_char(key)) is not None:
+                return f"field '{sub}' has a lone surrogate in its name ({bad})"
+            if (found := _in_value(item, sub)) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := _in_value(item, f"{name}[{i}]")) is not None:
+                return found
+    return None
+
+
+def lone_surrogates(record: dict) -> list[str]:
+    """One line per field (nested strings and keys included) that holds a lone surrogate.
+
+    A lone surrogate ('\\udc80') is what a JSON `\\udc80` escape or a `surrogateescape` decode
+    of bytes leaves; it is no Unicode text, so UTF-8, and with it every shard and output file,
+    cannot store it. Checking up front names the record and the field, where writing it would
+    fail the whole shard (good records too), again on every rerun.
+    """
+    # Each field on its own, so that every bad field is reported, not only the first.
+    found = (_in_value({key: value}, "") for key, value in record.items())
+    return [problem for problem in found if problem is not None]
+
+
 def validate_record(record, where: str) -> tuple[dict | None, list[str]]:
     """Check one raw record; return (normalised record or None, problems).
 
@@ -80,6 +128,10 @@ def validate_record(record, where: str) -> tuple[dict | None, list[str]]:
             )
         elif spec.required and isinstance(value, str) and not value.strip():
             problems.append(f"{where}: field '{name}' is empty")
+    problems.extend(
+        f"{where}: {found}, which no UTF-8 file can store: fix the \\u escape or drop the record"
+        for found in lone_surrogates(out)
+    )
     if not problems and out.get("id") is None:
         out["id"] = content_id(out)
     return (None if problems else out), problems

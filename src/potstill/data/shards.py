@@ -10,29 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from potstill.data.records import escaped, lone_surrogates
+from potstill.data.shard_buffer import BufferedShards, ShardNames
 from potstill.errors import DataError
 from potstill.fsutil import atomic_write_bytes, fsync_dir
 
-SHARD_RE = re.compile(r"^part-(\d{5,})\.jsonl$")
+NAMES = ShardNames("part", ".jsonl")
+SHARD_RE = NAMES.pattern
 
 
-def _shard_paths(directory: Path) -> list[Path]:
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.glob("part-*.jsonl")
-        if (m := SHARD_RE.match(p.name))
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def read_shards(directory: str | Path) -> Iterator[dict]:
-    """Records of every complete shard, in write order."""
-    for path in _shard_paths(Path(directory)):
+def _read(paths: list[Path]) -> Iterator[dict]:
+    for path in paths:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -46,7 +37,30 @@ def read_shards(directory: str | Path) -> Iterator[dict]:
                     ) from None
 
 
-class ShardWriter:
+def read_shards(directory: str | Path) -> Iterator[dict]:
+    """Records of every complete shard, in write order."""
+    yield from _read(NAMES.paths(Path(directory)))
+
+
+def _json_line(record: dict, destination: Path) -> bytes:
+    """The record as one UTF-8 JSON line; DataError naming the record and field if it can't be."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        _refuse_surrogates(record, destination)
+        raise  # not a surrogate after all: a bug, with its own traceback
+
+
+def _refuse_surrogates(record: dict, destination: Path) -> None:
+    if problems := lone_surrogates(record):
+        record_id = escaped(str(record.get("id")))
+        raise DataError(
+            f"record '{record_id}' cannot be written to {destination}: {problems[0]}, which no "
+            "UTF-8 file can store; fix that field where the record comes from, or drop the record"
+        )
+
+
+class ShardWriter(BufferedShards[bytes]):
     """Buffer records and write them as atomic shards.
 
     >>> with ShardWriter(out_dir) as writer:
@@ -55,64 +69,31 @@ class ShardWriter:
     ...             writer.write(process(record))
 
     A shard is flushed every `shard_size` records, or at a write once the oldest buffered record
-    is `flush_seconds` old, whichever comes first (and on close).
+    is `flush_seconds` old, whichever comes first (and on close). A record is encoded when it is
+    written, so one that cannot be stored (a lone surrogate) is refused alone, up front.
     """
+
+    names = NAMES
 
     def __init__(
         self, directory: str | Path, *, shard_size: int = 256, flush_seconds: float = 30.0
     ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.shard_size = shard_size
-        self.flush_seconds = flush_seconds
-        for stale in self.directory.glob(".part-*.tmp-*"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        paths = _shard_paths(self.directory)
-        self._next_index = int(SHARD_RE.match(paths[-1].name).group(1)) + 1 if paths else 0
-        self.done_ids: set[str] = {r["id"] for r in read_shards(self.directory)}
-        self._buffer: list[dict] = []
-        self._oldest = time.monotonic()
-        self.written = 0
+        super().__init__(self.directory, shard_size=shard_size, flush_seconds=flush_seconds)
+
+    def _ids_in(self, paths: list[Path]) -> Iterator[str]:
+        return (record["id"] for record in _read(paths))
 
     def write(self, record: dict) -> None:
         record_id = record.get("id")
         if not isinstance(record_id, str):
             raise DataError(f"record without a string id cannot be written: {str(record)[:80]}")
-        if record_id in self.done_ids:
-            raise DataError(f"id '{record_id}' is already written in {self.directory}")
-        self.done_ids.add(record_id)
-        if not self._buffer:
-            self._oldest = time.monotonic()
-        self._buffer.append(record)
-        # Flush on size, or once the oldest buffered record has waited flush_seconds. Timing the
-        # oldest record (not the last flush) keeps a burst of results (a finished batch) together
-        # in one shard instead of flushing its first record alone and holding the rest back.
-        if len(self._buffer) >= self.shard_size or (
-            time.monotonic() - self._oldest >= self.flush_seconds
-        ):
-            self.flush()
+        self._check_new(record_id)
+        self._add(record_id, _json_line(record, self.directory))
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self.directory / f"part-{self._next_index:05d}.jsonl"
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._buffer)
-        atomic_write_bytes(path, data.encode("utf-8"))
-        # The buffer empties first: an interrupt (Ctrl-C, SIGTERM) before this line rewrites
-        # the same shard on close, one after it finds nothing left to flush; none writes twice.
-        flushed, self._buffer = self._buffer, []
-        self._next_index += 1
-        self.written += len(flushed)
-
-    def close(self) -> None:
-        self.flush()
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        # Flush on errors too: everything buffered is complete, finished work.
-        self.close()
+    def _write_shard(self, path: Path, items: list[bytes]) -> None:
+        atomic_write_bytes(path, b"".join(items))
 
 
 def write_records(path: str | Path, records: Iterable[dict]) -> Path:
@@ -123,6 +104,8 @@ def write_records(path: str | Path, records: Iterable[dict]) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        for record in records:  # Arrow strings are UTF-8 too
+            _refuse_surrogates(record, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(pa.Table.from_pylist(records), tmp)
@@ -131,8 +114,7 @@ def write_records(path: str | Path, records: Iterable[dict]) -> Path:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     elif path.suffix in (".jsonl", ".ndjson"):
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write_bytes(path, data.encode("utf-8"))
+        atomic_write_bytes(path, b"".join(_json_line(r, path) for r in records))
     else:
         raise DataError(f"{path}: unsupported output type '{path.suffix}'; use .jsonl or .parquet")
     return path

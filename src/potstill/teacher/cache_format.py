@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from potstill.data.shard_buffer import ShardNames
 from potstill.errors import DataError
 
 FORMAT = "potstill-teacher-cache"
@@ -46,19 +46,15 @@ _LP_BYTES = {"q8": 1, "f16": 2, "f32": 4}
 _LP_DTYPES = {"f16": "<f2", "f32": "<f4"}
 
 
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+SHARDS = ShardNames("shard", ".safetensors")
+SHARD_RE = SHARDS.pattern
 META = "meta.json"
 FIX_READ = "delete this shard and rerun `potstill teacher cache` to recompute its records"
 
 
 def shard_paths(directory: Path) -> list[Path]:
     """A cache directory's complete shards, in write order."""
-    found = [
-        (int(m.group(1)), p)
-        for p in directory.glob("shard-*.safetensors")
-        if (m := SHARD_RE.match(p.name))
-    ]
-    return [p for _, p in sorted(found)]
+    return SHARDS.paths(directory)
 
 
 def check_finite(log_probs: np.ndarray, record_id: str, where: Path | str, fix: str) -> None:

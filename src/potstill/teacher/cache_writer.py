@@ -7,24 +7,24 @@ from __future__ import annotations
 
 import fcntl
 import json
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from potstill.errors import ConfigError, DataError
+from potstill.data.shard_buffer import BufferedShards
+from potstill.errors import ConfigError
 from potstill.fsutil import atomic_write_bytes, atomic_write_text
 from potstill.teacher.cache_format import (
     FORMAT,
     META,
-    SHARD_RE,
+    SHARDS,
     VERSION,
     Codec,
     check_finite,
     read_shard_header,
     shard_bytes,
-    shard_paths,
 )
 
 VOLATILE_META = ("created",)
@@ -32,7 +32,7 @@ VOLATILE_META = ("created",)
 FIX_WRITE = "the teacher overflowed: run it with teacher.dtype=float32"
 
 
-class CacheWriter:
+class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
     """Append records to a cache directory as atomic shards; resumable.
 
     >>> with CacheWriter(path, meta) as writer:
@@ -44,6 +44,9 @@ class CacheWriter:
     (teacher, tokenizer fingerprint, temperature, ...) is stored as given. Reopening a directory
     with different metadata is refused. One writer per directory at a time (a file lock).
     """
+
+    names = SHARDS
+    already_written = "record '{id}' is already in the teacher cache {directory}"
 
     def __init__(
         self, path: str | Path, meta: dict, *, shard_size: int = 256, flush_seconds: float = 60.0
@@ -61,14 +64,12 @@ class CacheWriter:
             ) from None
         try:
             self._open(meta)
+            # After the metadata check, so a cache of another config is refused with its shards
+            # and temp files untouched.
+            super().__init__(self.path, shard_size=shard_size, flush_seconds=flush_seconds)
         except BaseException:
             self._unlock()
             raise
-        self.shard_size = shard_size
-        self.flush_seconds = flush_seconds
-        self._buffer: list[tuple[str, int, bytes]] = []
-        self._oldest = time.monotonic()
-        self.written = 0
         self.tokens_written = 0
 
     def _open(self, meta: dict) -> None:
@@ -77,18 +78,16 @@ class CacheWriter:
         self.meta = json.loads(json.dumps(full))  # as it reads back (tuples become lists)
         self.codec = codec
         self._check_or_write_meta()
-        for stale in self.path.glob(".shard-*.tmp-*"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        paths = shard_paths(self.path)
-        self._next = int(SHARD_RE.match(paths[-1].name).group(1)) + 1 if paths else 0
-        self.done_ids: set[str] = set()
-        for shard in paths:
-            self.done_ids.update(entry[0] for entry in read_shard_header(shard).index)
+
+    def _ids_in(self, paths: list[Path]) -> Iterator[str]:
+        return (entry[0] for shard in paths for entry in read_shard_header(shard).index)
 
     def _unlock(self) -> None:
         if not self._lock.closed:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
             self._lock.close()
+
+    _release = _unlock  # close() unlocks after the last flush, even when that flush fails
 
     def _check_or_write_meta(self) -> None:
         meta_path = self.path / META
@@ -107,8 +106,7 @@ class CacheWriter:
     def write(self, record_id: str, ids, log_probs, log_tail=None) -> None:
         """One record: ids (T, k), log_probs (T, k) descending per row, log_tail (T,) the log of
         the teacher's mass outside the top k (needed by q8; implied by the others)."""
-        if record_id in self.done_ids:
-            raise DataError(f"record '{record_id}' is already in the teacher cache {self.path}")
+        self._check_new(record_id)
         ids, log_probs = _numpy(ids), _numpy(log_probs)
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"record '{record_id}': ids must be (T >= 1, k), got {ids.shape}")
@@ -118,39 +116,13 @@ class CacheWriter:
         log_tail = _numpy(log_tail)
         check_finite(log_tail, record_id, "teacher output", FIX_WRITE)
         data = self.codec.encode(ids, log_probs, log_tail)
-        self.done_ids.add(record_id)
-        if not self._buffer:
-            self._oldest = time.monotonic()
-        self._buffer.append((record_id, ids.shape[0], data))
-        if len(self._buffer) >= self.shard_size or (
-            time.monotonic() - self._oldest >= self.flush_seconds
-        ):
-            self.flush()
+        self._add(record_id, (record_id, ids.shape[0], data))
 
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        shard = self.path / f"shard-{self._next:05d}.safetensors"
-        atomic_write_bytes(shard, shard_bytes(self._buffer, {"encoding": self.meta["encoding"]}))
-        # The buffer empties first: an interrupt (Ctrl-C, SIGTERM) before this line rewrites
-        # the same shard on close, one after it finds nothing left to flush; none writes twice.
-        flushed, self._buffer = self._buffer, []
-        self._next += 1
-        self.written += len(flushed)
-        self.tokens_written += sum(tokens for _, tokens, _ in flushed)
+    def _write_shard(self, path: Path, items: list[tuple[str, int, bytes]]) -> None:
+        atomic_write_bytes(path, shard_bytes(items, {"encoding": self.meta["encoding"]}))
 
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._unlock()
-
-    def __enter__(self) -> CacheWriter:
-        return self
-
-    def __exit__(self, *_) -> None:
-        # Flush on errors too: every buffered record is complete.
-        self.close()
+    def _flushed(self, items: list[tuple[str, int, bytes]]) -> None:
+        self.tokens_written += sum(tokens for _, tokens, _ in items)
 
 
 def _numpy(x) -> np.ndarray:
