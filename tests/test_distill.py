@@ -128,12 +128,14 @@ def test_on_policy_coin_is_seeded_and_near_lambda():
 def test_teacher_gets_no_gradients(pair):
     from potstill.data.examples import build_example
     from potstill.models import load_model
-    from potstill.train.kd import Item, collate_items, make_loss_fn, online_teacher
+    from potstill.train.kd import Item, collate_items, load_teacher, make_loss_fn, online_teacher
 
     student_dir, teacher_dir, data, root = pair
     cfg = config(student_dir, teacher_dir, data, root / "unused")
-    student, teacher = load_model(student_dir, device="cpu"), load_model(teacher_dir, device="cpu")
-    teacher.requires_grad_(False)
+    student = load_model(student_dir, device="cpu")
+    # The teacher as `distill` loads it (the code under test freezes it, not this test).
+    teacher = load_teacher(cfg, student.get_output_embeddings().weight.shape[0], "cpu")
+    assert not teacher.training
 
     class Hooks:
         kd_ratio = 0.5

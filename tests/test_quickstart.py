@@ -15,11 +15,21 @@ from potstill.errors import ConfigError
 from potstill.stages.quickstart import STAGES, QuickstartConfig, run_quickstart
 
 
+REFUSE_ALL = "(?!)"
+"""A regex that matches no answer at all."""
+
+
 def _questions(path, prefix: str, n: int, first: int = 0):
-    # A regex task whose pattern accepts any answer: a random tiny teacher then "solves" every
-    # question, so every stage after curation has data to work on.
+    # A real regex verifier: even questions accept any answer, odd ones none. A random tiny
+    # teacher then "solves" exactly the even ones, so every count below is known in advance
+    # and would change if a stage skipped verification (or verified the wrong answer).
     records = [
-        {"id": f"{prefix}-{i}", "question": f"What is {i} + {i}?", "answer": ".*", "task": "regex"}
+        {
+            "id": f"{prefix}-{i}",
+            "question": f"What is {i} + {i}?",
+            "answer": ".*" if i % 2 == 0 else REFUSE_ALL,
+            "task": "regex",
+        }
         for i in range(first, first + n)
     ]
     write_records(path, records)
@@ -61,7 +71,12 @@ def test_quickstart_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     funnel = json.loads((out / "curate" / "funnel.json").read_text())
     kept = funnel["steps"][-1]["records_out"]
     assert kept == summary["kept_traces"] == len(read_records(out / "curate" / "kept.jsonl")) > 0
-    assert summary["gain_points"] == 0.0  # ".*" accepts every answer, before and after
+    # Training keeps t-0..t-3; the teacher solves t-0 and t-2, every model e-4 and e-6.
+    for row in summary["rows"].values():
+        assert row["accuracy"] == pytest.approx(0.5), row
+    kept_ids = sorted(r["id"].split("#")[0] for r in read_records(out / "curate" / "kept.jsonl"))
+    assert set(kept_ids) <= {"t-0", "t-2"} and kept_ids  # never an odd (unsolvable) one
+    assert summary["gain_points"] == 0.0
     assert (out / "sft" / "final" / "adapter_config.json").is_file()
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
