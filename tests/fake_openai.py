@@ -1,6 +1,6 @@
 """A minimal OpenAI-compatible chat-completions server on http.server, for subprocess tests.
 
-Unlike `potstill.serve` it needs no model, and `mode` switches its behaviour between requests:
+Unlike `potstill.teacher.serve` it needs no model, and `mode` switches its behaviour between requests:
 "ok" answers, an int answers that HTTP status every time, "slow" sleeps past any small timeout.
 """
 

@@ -1,4 +1,5 @@
-"""The openai backend against a real HTTP server (`potstill.serve`) over the tiny HF model."""
+"""The openai backend against a real HTTP server (`potstill.teacher.serve`) over the tiny HF model; the
+faults it must survive are injected by the test-side subclass in `faulty_serve`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from potstill.errors import ConfigError
 from potstill.teacher.backends import Request, Sampling
 from potstill.teacher.hf_backend import HFBackend
 from potstill.teacher.openai_backend import EndpointError, OpenAIBackend
-from potstill.teacher.serve import start_server
 
 from .conftest import build_model, build_tokenizer
+from .faulty_serve import start_faulty_server
 
 KEY = "sk-test-0123456789abcdef"
 GREEDY = Sampling(max_new_tokens=8)
@@ -45,11 +46,11 @@ def hf_backend():
 
 @pytest.fixture
 def serve(hf_backend):
-    """Start a server over the tiny model (closed after the test): serve(**start_server kwargs)."""
+    """Start a server over the tiny model (closed after the test): serve(faults=..., api_key=..)."""
     servers = []
 
     def start(**kwargs):
-        server, url = start_server(hf_backend, model_name="tiny", **kwargs)
+        server, url = start_faulty_server(hf_backend, model_name="tiny", **kwargs)
         servers.append(server)
         return server, url
 

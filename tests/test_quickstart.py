@@ -14,7 +14,6 @@ from potstill.data import read_records, write_records
 from potstill.errors import ConfigError
 from potstill.stages.quickstart import STAGES, QuickstartConfig, run_quickstart
 
-
 REFUSE_ALL = "(?!)"
 """A regex that matches no answer at all."""
 

@@ -9,11 +9,10 @@ One thread owns the backend. Requests that arrive while it is busy are gathered 
 the backend together (grouped by sampling settings), so concurrent clients share batches. Each
 request keeps its own seed, so a sample does not depend on which batch it landed in.
 
-For tests, `start_server(..., faults=[...])` makes the next chat requests misbehave, in order:
-`{"status": 429, "retry_after": 0.1}` (an error reply, with a Retry-After header if given),
-`{"delay": 2.0}` (wait, then serve normally: a client timeout), `{"close": True}` (drop the
-connection unanswered), `{}` (serve normally); then normal service. `server.stats` counts the
-chat requests seen and the peak number in flight.
+Whatever a client sends, the server answers it and goes on serving: a malformed or oversized
+request gets its 4xx, a request the chat template refuses a 400, a backend failure a 500 for the
+requests of that batch alone; a client that stalls mid-request is cut off after `request_timeout`
+seconds (408). None of these prints a traceback (they are logged at debug level).
 """
 
 from __future__ import annotations
@@ -23,40 +22,32 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from potstill.errors import ConfigError, PotstillError
 from potstill.teacher.backends import Backend, Sampling
-from potstill.teacher.serve_protocol import ChatJob, RequestError, parse_chat_request, unauthorized
+from potstill.teacher.serve_protocol import (
+    ChatJob,
+    RequestError,
+    backend_failure,
+    body_length,
+    completion,
+    parse_chat_request,
+    unauthorized,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 """Completion budget when a client gives none and the backend does not know its context length."""
 MAX_BODY = 32 * 2**20
-
-
-@dataclass
-class ServerStats:
-    requests: int = 0
-    """Chat completion requests received (faulted ones included)."""
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def enter(self) -> None:
-        with self.lock:
-            self.requests += 1
-            self.in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.in_flight -= 1
+"""Largest request body taken (413 beyond)."""
+REQUEST_TIMEOUT = 60.0
+"""Seconds a client has to send a request's body (and the longest silence on a connection)."""
 
 
 class _Batcher:
@@ -84,18 +75,24 @@ class _Batcher:
                 self.jobs.put(None)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            batch = [job]
-            while len(batch) < self.max_batch:  # everything that queued up while we were busy
-                try:
-                    job = self.jobs.get_nowait()
+        stop = False
+        while not stop:
+            batch = [self.jobs.get()]
+            while batch[-1] is not None and len(batch) < self.max_batch:
+                try:  # everything that queued up while we were busy
+                    batch.append(self.jobs.get_nowait())
                 except queue.Empty:
                     break
-                if job is None:
-                    self._serve(batch)
-                    return
-                batch.append(job)
-            self._serve(batch)
+            stop = batch[-1] is None
+            if stop:
+                batch.pop()
+            try:
+                self._serve(batch)
+            except Exception as exc:  # a bug of ours: fail this batch, not every later request
+                error = backend_failure(exc, "serving", one_request=False)
+                for job in batch:
+                    if not job.done.is_set():
+                        job.finish(error=error)
 
     def _serve(self, jobs: list[ChatJob]) -> None:
         groups: dict[Sampling, list[ChatJob]] = defaultdict(list)
@@ -104,6 +101,8 @@ class _Batcher:
                 groups[self._sampling(job)].append(job)
             except RequestError as exc:
                 job.finish(error=exc)
+            except Exception as exc:  # rendering this request's prompt failed: it alone fails
+                job.finish(error=backend_failure(exc, "rendering the prompt"))
         for sampling, group in groups.items():
             by_key = {job.request.key: job for job in group}
             try:
@@ -111,11 +110,8 @@ class _Batcher:
                     [job.request for job in group], sampling
                 ):
                     by_key.pop(request.key).finish(generation)
-            except Exception as exc:
-                logger.exception("generation failed")
-                error = RequestError(
-                    500, f"generation failed: {type(exc).__name__}", "server_error"
-                )
+            except Exception as exc:  # the requests answered before it keep their answers
+                error = backend_failure(exc, "generation", one_request=len(group) == 1)
                 for job in by_key.values():
                     job.finish(error=error)
 
@@ -144,10 +140,113 @@ class _Batcher:
         )
 
 
+class ChatHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
+    server: ChatServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # applied to the socket by setup()
+        super().setup()
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a garbled request line, too many headers, an unknown
+        method) in JSON like ours; the connection closes, as after any unparsed request."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a request line that did not parse says so
+            self.request_version = "HTTP/1.1"  # and the reply would go without a status line
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        self._send(*_error(RequestError(code, message or self.responses[code][0], kind)))
+
+    def do_GET(self):
+        self._answer("/models", self._models)
+
+    def do_POST(self):
+        self._answer("/chat/completions", self._chat)
+
+    def _answer(self, route: str, answer) -> None:
+        try:
+            body = self._read_body()
+            if _route(self.path) != route:
+                raise RequestError(404, f"no route {self.path}", code="not_found")
+            reply = answer(body)
+        except RequestError as exc:
+            reply = _error(exc)
+        self._send(*reply)
+
+    def _models(self, body: bytes) -> tuple[int, dict, dict]:
+        if not self.server.authorized(self.headers.get("Authorization")):
+            raise unauthorized()
+        return 200, self.server.models(), {}
+
+    def _chat(self, body: bytes) -> tuple[int, dict, dict]:
+        """One chat completion: (status, payload, headers), or RequestError."""
+        if not self.server.authorized(self.headers.get("Authorization")):
+            raise unauthorized()
+        job = parse_chat_request(body, self.server.model_name)
+        self.server.batcher.submit(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return 200, completion(job, self.server.model_name), {}
+
+    def _read_body(self) -> bytes:
+        """The request's body, exactly Content-Length bytes, or RequestError."""
+        try:
+            return self._read_exactly(body_length(self.headers, self.command, MAX_BODY))
+        except RequestError:  # what is left of the body unread would be taken for the next request
+            self.close_connection = True
+            raise
+
+    def _read_exactly(self, length: int) -> bytes:
+        """`length` bytes within `request_timeout` seconds in all: a client that trickles its
+        body a byte at a time must not hold this thread for longer than one that stalls."""
+        deadline = time.monotonic() + self.server.request_timeout
+        chunks: list[bytes] = []
+        try:
+            while length > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                if not (chunk := self.rfile.read1(min(length, 2**16))):
+                    raise RequestError(400, "the connection closed before the whole body came")
+                chunks.append(chunk)
+                length -= len(chunk)
+        except TimeoutError:
+            seconds = self.server.request_timeout
+            raise RequestError(408, f"the body did not arrive within {seconds:g} s") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
+
+    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client gave up (timed out, reset) or stopped reading
+            self.close_connection = True
+
+
 class ChatServer(ThreadingHTTPServer):
-    """An HTTP server answering OpenAI chat completions with `backend`."""
+    """An HTTP server answering OpenAI chat completions with `backend`.
+
+    `request_timeout`: seconds a client has to send a request's body, and the longest silence
+    taken on a connection (reading headers, or idle between requests), before it is dropped.
+    """
 
     daemon_threads = True
+    handler_class: type[ChatHandler] = ChatHandler
 
     def __init__(
         self,
@@ -156,15 +255,13 @@ class ChatServer(ThreadingHTTPServer):
         *,
         model_name: str,
         api_key: str | None = None,
-        faults: list[dict] | None = None,
+        request_timeout: float = REQUEST_TIMEOUT,
     ):
-        super().__init__(address, _Handler)
+        super().__init__(address, self.handler_class)
         self.backend = backend
         self.model_name = model_name
         self._api_key = api_key
-        self.faults = list(faults or [])
-        self.faults_lock = threading.Lock()
-        self.stats = ServerStats()
+        self.request_timeout = request_timeout
         self.started = int(time.time())
         self.batcher = _Batcher(backend)
         self._thread: threading.Thread | None = None
@@ -174,14 +271,13 @@ class ChatServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def inject(self, *faults: dict) -> None:
-        """Queue more faults for the next chat requests."""
-        with self.faults_lock:
-            self.faults.extend(faults)
-
-    def next_fault(self) -> dict | None:
-        with self.faults_lock:
-            return self.faults.pop(0) if self.faults else None
+    def start(self) -> str:
+        """Serve from a daemon thread (stop it with `close()`); returns the base URL."""
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="potstill-serve", daemon=True
+        )
+        self._thread.start()
+        return self.url
 
     def authorized(self, header: str | None) -> bool:
         if self._api_key is None:
@@ -198,13 +294,22 @@ class ChatServer(ThreadingHTTPServer):
         }
         return {"object": "list", "data": [card]}
 
+    def handle_error(self, request, client_address) -> None:
+        """An exception out of a handler (socketserver would print its traceback): a client
+        that vanished mid-request is routine; anything else gets one line, the traceback at
+        debug."""
+        exc, client = sys.exception(), client_address[0]
+        if not isinstance(exc, OSError):
+            logger.warning("request from %s failed: %s: %s", client, type(exc).__name__, exc)
+        logger.debug("request from %s failed", client, exc_info=exc)
+
     def server_close(self) -> None:
         super().server_close()
         if hasattr(self, "batcher"):  # TCPServer.__init__ calls this when binding fails
             self.batcher.close()
 
     def close(self) -> None:
-        """Stop serving (the thread `start_server` started, if any) and release the port."""
+        """Stop serving (the thread `start` started, if any) and release the port."""
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
@@ -213,103 +318,6 @@ class ChatServer(ThreadingHTTPServer):
 
     def __exit__(self, *_):
         self.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connections
-    timeout = 600  # drop a connection idle this long
-    server: ChatServer
-
-    def log_message(self, format, *args):
-        logger.info("%s %s", self.address_string(), format % args)
-
-    def do_GET(self):
-        self._read_body()
-        if _route(self.path) != "/models":
-            return self._send(*_error(RequestError(404, f"no route {self.path}", code="not_found")))
-        if not self.server.authorized(self.headers.get("Authorization")):
-            return self._send(*_error(unauthorized()))
-        self._send(200, self.server.models())
-
-    def do_POST(self):
-        body = self._read_body()
-        if body is None:
-            return self._send(*_error(RequestError(413, f"body over {MAX_BODY} bytes")))
-        if _route(self.path) != "/chat/completions":
-            return self._send(*_error(RequestError(404, f"no route {self.path}", code="not_found")))
-        stats = self.server.stats
-        stats.enter()
-        try:
-            reply = self._chat(body)
-        finally:  # before the reply goes out: a client may send its next request at once
-            stats.leave()
-        if reply is None:
-            self.close_connection = True
-            return
-        self._send(*reply)
-
-    def _chat(self, body: bytes) -> tuple[int, dict, dict] | None:
-        fault = self.server.next_fault() or {}
-        time.sleep(fault.get("delay", 0))
-        if fault.get("close"):
-            return None
-        if "status" in fault:
-            headers = {"Retry-After": str(fault["retry_after"])} if "retry_after" in fault else {}
-            status = fault["status"]
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            kind = "rate_limit_error" if status == 429 else kind
-            return _error(RequestError(status, "injected fault", kind), headers)
-        if not self.server.authorized(self.headers.get("Authorization")):
-            return _error(unauthorized())
-        try:
-            job = parse_chat_request(body, self.server.model_name)
-            self.server.batcher.submit(job)
-        except RequestError as exc:
-            return _error(exc)
-        job.done.wait()
-        if job.error is not None:
-            return _error(job.error)
-        generation = job.generation
-        usage = {
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.completion_tokens,
-            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
-        }
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": generation.text},
-            "logprobs": None,
-            "finish_reason": generation.finish_reason,
-        }
-        completion = {
-            "id": job.request.key,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.server.model_name,
-            "choices": [choice],
-            "usage": usage,
-        }
-        return 200, completion, {}
-
-    def _read_body(self) -> bytes | None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self.close_connection = True  # the unread body would garble the next request
-            return None
-        return self.rfile.read(length) if length else b""
-
-    def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. timed out)
-            self.close_connection = True
 
 
 def _route(path: str) -> str:
@@ -328,18 +336,15 @@ def start_server(
     *,
     model_name: str,
     api_key: str | None = None,
-    faults: list[dict] | None = None,
+    request_timeout: float = REQUEST_TIMEOUT,
 ) -> tuple[ChatServer, str]:
     """Serve `backend` from a daemon thread; returns the server and its base URL (`.../v1`).
 
     Port 0 picks a free port. Stop it with `server.close()`.
     """
-    server = _bind(host, port, backend, model_name=model_name, api_key=api_key, faults=faults)
-    server._thread = threading.Thread(
-        target=server.serve_forever, name="potstill-serve", daemon=True
-    )
-    server._thread.start()
-    return server, server.url
+    kwargs = {"model_name": model_name, "api_key": api_key, "request_timeout": request_timeout}
+    server = _bind(host, port, backend, **kwargs)
+    return server, server.start()
 
 
 def serve_forever(

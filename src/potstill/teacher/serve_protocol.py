@@ -1,15 +1,24 @@
-"""The OpenAI chat-completions protocol as `potstill serve` speaks it: request validation and
-OpenAI-style errors, apart from the HTTP and batching machinery in `potstill.serve`."""
+"""The OpenAI chat-completions protocol as `potstill serve` speaks it: request framing and
+validation, replies, and OpenAI-style errors (for backend failures too), apart from the HTTP and
+batching machinery in `potstill.teacher.serve`."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
+from email.message import Message
+
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from potstill.teacher.backends import Generation, Request
+
+logger = logging.getLogger("potstill.teacher.serve")
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -43,6 +52,41 @@ class ChatJob:
         self.done.set()
 
 
+def backend_failure(exc: Exception, doing: str, *, one_request: bool = True) -> RequestError:
+    """The reply for an exception from the backend. A chat template that refuses the messages
+    (`raise_exception` in the template, e.g. on a role it does not take) is the client's fault:
+    400 with the template's message, when the failure was for `one_request` alone (in a batch we
+    cannot tell whose messages it refused). Anything else is ours: 500, naming only the exception
+    type (its message may hold server internals); the operator gets one line, the traceback at
+    debug."""
+    refused = isinstance(exc, TemplateError) and not isinstance(exc, TemplateSyntaxError)
+    if refused and one_request:
+        logger.debug("the chat template refused a request: %s", exc)
+        return RequestError(400, f"the model's chat template refused these messages: {exc}")
+    logger.warning("%s failed: %s: %s", doing, type(exc).__name__, exc)
+    logger.debug("%s failed", doing, exc_info=exc)
+    return RequestError(500, f"{doing} failed: {type(exc).__name__}", "server_error")
+
+
+def body_length(headers: Message, method: str, max_body: int) -> int:
+    """The request body's size from its headers, or RequestError: 411 without one on a POST,
+    400 unless it is one plain decimal (`-1`, `1e3`, two different values), 413 past `max_body`.
+    """
+    if headers.get("Transfer-Encoding"):
+        raise RequestError(411, "send the body with a Content-Length (no Transfer-Encoding)")
+    lengths = {value.strip() for value in headers.get_all("Content-Length") or ()}
+    if not lengths:
+        if method == "POST":
+            raise RequestError(411, "a POST needs a Content-Length header")
+        return 0
+    value = ", ".join(sorted(lengths))
+    if not re.fullmatch(r"[0-9]{1,19}", value):
+        raise RequestError(400, f"Content-Length: must be a decimal byte count, got {value!r}")
+    if int(value) > max_body:
+        raise RequestError(413, f"the body is {value} bytes, over the {max_body} taken")
+    return int(value)
+
+
 def unauthorized() -> RequestError:
     return RequestError(401, "Incorrect or missing API key", code="invalid_api_key")
 
@@ -51,7 +95,7 @@ def parse_chat_request(body: bytes, model_name: str) -> ChatJob:
     """Validate a chat completion request body; RequestError (400/404) says what is wrong."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: `[[[[...` nested
         raise RequestError(400, "the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object")
@@ -81,8 +125,9 @@ def parse_chat_request(body: bytes, model_name: str) -> ChatJob:
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(400, "stop: must be a string or a list of non-empty strings")
     seed = data.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise RequestError(400, f"seed: must be an integer, got {seed!r}")
+    # the int64 range, as vLLM takes it: a larger seed would fail the whole batch in the backend
+    if seed is not None and not (_is_int(seed) and -(2**63) <= seed < 2**63):
+        raise RequestError(400, f"seed: must be a 64-bit integer, got {seed!r}")
     prefill = ""
     if data.get("continue_final_message", False):
         if data.get("add_generation_prompt", True):
@@ -104,6 +149,30 @@ def parse_chat_request(body: bytes, model_name: str) -> ChatJob:
         prefill=prefill,
     )
     return ChatJob(request, max_tokens, float(temperature), float(top_p), tuple(stop))
+
+
+def completion(job: ChatJob, model_name: str) -> dict:
+    """The `chat.completion` reply for a finished job."""
+    generation = job.generation
+    usage = {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": generation.text},
+        "logprobs": None,
+        "finish_reason": generation.finish_reason,
+    }
+    return {
+        "id": job.request.key,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 def _require_list(messages) -> list:
