@@ -14,36 +14,19 @@ def pareto(coll: Collection, head: Headline) -> str | None:
     as in the headline cards; the Pareto frontier dashed; an arrow from the student before
     distillation to after."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
 
-    points = []  # (task, label, role, cost, accuracy)
-    for r in coll.results:
-        model = coll.models.get(r.model)
-        cost = usd_per_1k(model.cost, coll.price_per_hour) if model else None
-        if cost is not None and cost > 0:
-            points.append((r.task, r.model, model.role, cost, r.accuracy))
+    points = _points(coll)
     if not points:
         return None
     tasks = list(dict.fromkeys(p[0] for p in points))
-    before = head.before.label if head.before else None
-    after = head.after.label if head.after else None
-    others = iter(PALETTE)
-    colors = {}
-    for _, label, role, _, _ in points:
-        if label not in colors:
-            colors[label] = (
-                TEACHER
-                if role == "teacher"
-                else BEFORE
-                if label == before
-                else STUDENT
-                if label == after
-                else next(others, MUTED)
-            )
+    ends = (head.before.label if head.before else None, head.after.label if head.after else None)
+    colors = _colors(points, *ends)
     costs, accs = [p[3] for p in points], [p[4] for p in points]
     log = max(costs) / min(costs) > 20
-    x0, x1 = _padded(min(costs), max(costs), log)
-    y0, y1 = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1) + 0.06
+    limits = (
+        _padded(min(costs), max(costs), log),
+        (max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1) + 0.06),
+    )
     ncols = min(len(tasks), 3)
     nrows = math.ceil(len(tasks) / ncols)
     todo = []  # labels to place once the layout is known
@@ -58,60 +41,7 @@ def pareto(coll: Collection, head: Headline) -> str | None:
         )
         for ax, task in zip(axes.flat, tasks, strict=False):
             mine = sorted((p for p in points if p[0] == task), key=lambda p: (p[3], -p[4]))
-            frontier, best = [], -1.0
-            for p in mine:
-                if p[4] > best:
-                    frontier.append(p)
-                    best = p[4]
-            if len(frontier) > 1:
-                ax.plot(
-                    [p[3] for p in frontier],
-                    [p[4] for p in frontier],
-                    ls="--",
-                    lw=1.1,
-                    color=MUTED,
-                    alpha=0.6,
-                    drawstyle="steps-post",
-                    zorder=1,
-                )
-            ends = {p[1]: p for p in mine}
-            if before in ends and after in ends:
-                b, a = ends[before], ends[after]
-                ax.annotate(
-                    "",
-                    xy=(a[3], a[4]),
-                    xytext=(b[3], b[4]),
-                    zorder=2,
-                    arrowprops={
-                        "arrowstyle": "-|>",
-                        "color": STUDENT,
-                        "lw": 1.6,
-                        "shrinkA": 8,
-                        "shrinkB": 8,
-                    },
-                )
-            for _, label, role, cost, acc in mine:
-                teacher = role == "teacher"
-                size = 320 if teacher else 110
-                ax.scatter(
-                    cost,
-                    acc,
-                    s=size,
-                    marker="*" if teacher else "o",
-                    color=colors[label],
-                    edgecolor="white",
-                    linewidth=1.2,
-                    zorder=3,
-                )
-                todo.append((ax, f"{label}  {acc:.0%}", cost, acc, colors[label], size))
-            ax.set_xscale("log" if log else "linear")
-            ax.set_xlim(x0, x1)
-            ax.set_ylim(y0, y1)
-            ax.xaxis.set_major_formatter(_usd_formatter())
-            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-            ax.set_yticks([t for t in ax.get_yticks() if y0 - 1e-9 <= t <= min(y1, 1) + 1e-9])
-            ax.set_xlabel("cost per 1,000 answers  (cheaper ←)", color=MUTED)
-            ax.set_title(task)
+            todo += _panel(ax, task, mine, colors, ends, log, limits)
         for ax in axes[:, 0]:
             ax.set_ylabel("accuracy  (better ↑)", color=MUTED)
         for ax in list(axes.flat)[len(tasks) :]:
@@ -119,6 +49,75 @@ def pareto(coll: Collection, head: Headline) -> str | None:
         fig.canvas.draw()  # lay out first: labels are placed in screen space
         _place_labels(fig, todo)
         return to_data_uri(fig)
+
+
+def _points(coll: Collection) -> list[tuple]:
+    """(task, label, role, cost, accuracy) of every result with a known, positive cost."""
+    points = []
+    for r in coll.results:
+        model = coll.models.get(r.model)
+        cost = usd_per_1k(model.cost, coll.price_per_hour) if model else None
+        if cost is not None and cost > 0:
+            points.append((r.task, r.model, model.role, cost, r.accuracy))
+    return points
+
+
+def _colors(points, before: str | None, after: str | None) -> dict[str, str]:
+    """Teacher, student before and after in the headline's colours; others from the palette."""
+    others, colors = iter(PALETTE), {}
+    for _, label, role, _, _ in points:
+        if label in colors:
+            continue
+        if role == "teacher":
+            colors[label] = TEACHER
+        elif label == before:
+            colors[label] = BEFORE
+        elif label == after:
+            colors[label] = STUDENT
+        else:
+            colors[label] = next(others, MUTED)
+    return colors
+
+
+def _panel(ax, task, mine, colors, ends, log, limits) -> list[tuple]:
+    """One task's panel: frontier, before -> after arrow, points; returns labels to place."""
+    from matplotlib.ticker import PercentFormatter
+
+    frontier, best = [], -1.0
+    for p in mine:
+        if p[4] > best:
+            frontier.append(p)
+            best = p[4]
+    if len(frontier) > 1:
+        ax.plot(
+            [p[3] for p in frontier], [p[4] for p in frontier], ls="--", lw=1.1, color=MUTED,
+            alpha=0.6, drawstyle="steps-post", zorder=1,
+        )  # fmt: skip
+    at = {p[1]: p for p in mine}
+    before, after = ends
+    if before in at and after in at:
+        b, a = at[before], at[after]
+        arrow = {"arrowstyle": "-|>", "color": STUDENT, "lw": 1.6, "shrinkA": 8, "shrinkB": 8}
+        ax.annotate("", xy=(a[3], a[4]), xytext=(b[3], b[4]), zorder=2, arrowprops=arrow)
+    todo = []
+    for _, label, role, cost, acc in mine:
+        teacher = role == "teacher"
+        size = 320 if teacher else 110
+        ax.scatter(
+            cost, acc, s=size, marker="*" if teacher else "o", color=colors[label],
+            edgecolor="white", linewidth=1.2, zorder=3,
+        )  # fmt: skip
+        todo.append((ax, f"{label}  {acc:.0%}", cost, acc, colors[label], size))
+    (x0, x1), (y0, y1) = limits
+    ax.set_xscale("log" if log else "linear")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.xaxis.set_major_formatter(_usd_formatter())
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_yticks([t for t in ax.get_yticks() if y0 - 1e-9 <= t <= min(y1, 1) + 1e-9])
+    ax.set_xlabel("cost per 1,000 answers  (cheaper ←)", color=MUTED)
+    ax.set_title(task)
+    return todo
 
 
 SPOTS = [

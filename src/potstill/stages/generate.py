@@ -107,7 +107,7 @@ def run_generate(
         pairs, skipped = split_too_long(backend, pairs, prompt_limit(backend, gen))
         provenance = provenance_of(backend, cfg.model.name, gen)
     else:
-        skipped = []
+        skipped, provenance = [], {}
     with RunDir(out, command="generate", config=cfg, inputs=[cfg.data.source]) as run:
         if skipped:
             write_records(run.path / "skipped.jsonl", skipped)
@@ -116,33 +116,9 @@ def run_generate(
                 f"(listed in {run.path / 'skipped.jsonl'})"
             )
         samples_dir = run.path / "samples"
-        start, done_samples, done_tokens = time.perf_counter(), 0, 0
-        with (
-            # A batch backend returns a batch in one burst: one shard per batch keeps it on disk
-            # at once, instead of one record now and the rest at the next burst.
-            ShardWriter(samples_dir, shard_size=gen.batch_size, flush_seconds=10) as w,
-            generation_progress(console) as progress,
-            run.timed("generate"),
-        ):
-            if shard is None:  # samples finished by shards of this output_dir are not redone
-                keys = {req.key for req, _ in pairs}
-                parts = [d / "samples" for d in shard_dirs(out)[1].values()]
-                if copied := copy_records(parts, w, keep=keys.__contains__):
-                    console.print(f"{copied} samples taken from the shards under {out}/shards")
-            already = sum(1 for req, _ in pairs if req.key in w.done_ids)
-            bar = progress.add_task("generating", total=len(pairs), completed=already, speed="")
-
-            def on_result(result: Generation) -> None:
-                nonlocal done_samples, done_tokens
-                done_samples += 1
-                done_tokens += result.completion_tokens
-                elapsed = time.perf_counter() - start
-                speed = f"{done_samples / elapsed:.2f} samples/s {done_tokens / elapsed:.1f} tok/s"
-                progress.update(bar, advance=1, speed=speed)
-
-            if pairs:
-                generate_into(backend, pairs, sampling_of(gen), w, provenance, on_result=on_result)
-        elapsed = time.perf_counter() - start
+        done_samples, done_tokens, elapsed = _write_samples(
+            run, samples_dir, out, shard, pairs, backend, gen, provenance, console
+        )
         counts = sample_counts(records, samples_dir, len(skipped))
         if done_samples:
             counts["tokens_per_s"] = round(done_tokens / elapsed, 2)
@@ -153,6 +129,38 @@ def run_generate(
         f"({counts['truncated']} hit max_new_tokens)"
     )
     return counts
+
+
+def _write_samples(run, samples_dir, out, shard, pairs, backend, gen, provenance, console):
+    """Generate the missing samples into `samples_dir` with a progress bar; returns (samples
+    generated now, their completion tokens, seconds)."""
+    start, done_samples, done_tokens = time.perf_counter(), 0, 0
+    with (
+        # A batch backend returns a batch in one burst: one shard per batch keeps it on disk
+        # at once, instead of one record now and the rest at the next burst.
+        ShardWriter(samples_dir, shard_size=gen.batch_size, flush_seconds=10) as w,
+        generation_progress(console) as progress,
+        run.timed("generate"),
+    ):
+        if shard is None:  # samples finished by shards of this output_dir are not redone
+            keys = {req.key for req, _ in pairs}
+            parts = [d / "samples" for d in shard_dirs(out)[1].values()]
+            if copied := copy_records(parts, w, keep=keys.__contains__):
+                console.print(f"{copied} samples taken from the shards under {out}/shards")
+        already = sum(1 for req, _ in pairs if req.key in w.done_ids)
+        bar = progress.add_task("generating", total=len(pairs), completed=already, speed="")
+
+        def on_result(result: Generation) -> None:
+            nonlocal done_samples, done_tokens
+            done_samples += 1
+            done_tokens += result.completion_tokens
+            elapsed = time.perf_counter() - start
+            speed = f"{done_samples / elapsed:.2f} samples/s {done_tokens / elapsed:.1f} tok/s"
+            progress.update(bar, advance=1, speed=speed)
+
+        if pairs:
+            generate_into(backend, pairs, sampling_of(gen), w, provenance, on_result=on_result)
+    return done_samples, done_tokens, time.perf_counter() - start
 
 
 def sample_counts(records: list[dict], samples_dir, skipped: int) -> dict:

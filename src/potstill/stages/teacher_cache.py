@@ -163,37 +163,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
         if cfg.k > vocab:
             raise ConfigError(f"k: {cfg.k} is more than the teacher's vocabulary ({vocab})")
         meta = cache_meta(cfg, tokenizer, vocab, system)
-        chunk = default_chunk_size(vocab, budget_bytes=1 << 28)
-        pending.sort(key=lambda pair: -len(pair[1].input_ids))  # long first: memory peaks early
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        columns = [TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn()]
-        columns += [TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn()]
-        with (
-            CacheWriter(run.path, meta, shard_size=cfg.shard_size) as writer,
-            run.timed("teacher"),
-            Progress(*columns, TimeRemainingColumn(), console=console) as progress,
-            torch.inference_mode(),
-        ):
-            task = progress.add_task("cache", total=len(pending), tokens=0)
-            tokens, tail_mass = 0, 0.0
-            for start in range(0, len(pending), cfg.batch_size):
-                part = pending[start : start + cfg.batch_size]
-                hidden, rows = target_hidden(model, collate([ex for _, ex in part], pad))
-                outs = [
-                    top_k_rows(target_logits(model, hidden[i : i + chunk]), cfg.k, cfg.temperature)
-                    for i in range(0, hidden.shape[0], chunk)
-                ]
-                ids, log_probs, log_tail = (torch.cat(x).cpu() for x in zip(*outs, strict=True))
-                offset = 0
-                for (record_id, _), n in zip(part, rows, strict=True):
-                    end = offset + n
-                    writer.write(
-                        record_id, ids[offset:end], log_probs[offset:end], log_tail[offset:end]
-                    )
-                    offset = end
-                tokens += offset
-                tail_mass += float(log_tail.double().exp().sum())
-                progress.update(task, advance=len(part), tokens=tokens)
+        with CacheWriter(run.path, meta, shard_size=cfg.shard_size) as writer:
+            tokens, tail_mass = _cache_pending(cfg, model, tokenizer, pending, writer, run, console)
         cache = open_cache(run.path, verify=False)
         counts = {
             "records": len(cache),
@@ -218,3 +189,39 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             "spreads half its mass past the top 128, docs/teacher_cache.md) or distil online"
         )
     return counts
+
+
+def _cache_pending(cfg, model, tokenizer, pending, writer, run, console) -> tuple[int, float]:
+    """The teacher's top-k rows of every pending record into `writer`, in batches, under
+    inference mode; returns (target tokens cached, their summed tail mass)."""
+    chunk = default_chunk_size(model.get_output_embeddings().weight.shape[0], budget_bytes=1 << 28)
+    pending.sort(key=lambda pair: -len(pair[1].input_ids))  # long first: memory peaks early
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    columns = [TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn()]
+    tokens, tail_mass = 0, 0.0
+    with (
+        run.timed("teacher"),
+        Progress(*columns, TimeRemainingColumn(), console=console) as progress,
+        torch.inference_mode(),
+    ):
+        task = progress.add_task("cache", total=len(pending), tokens=0)
+        for start in range(0, len(pending), cfg.batch_size):
+            part = pending[start : start + cfg.batch_size]
+            hidden, rows = target_hidden(model, collate([ex for _, ex in part], pad))
+            outs = [
+                top_k_rows(target_logits(model, hidden[i : i + chunk]), cfg.k, cfg.temperature)
+                for i in range(0, hidden.shape[0], chunk)
+            ]
+            ids, log_probs, log_tail = (torch.cat(x).cpu() for x in zip(*outs, strict=True))
+            offset = 0
+            for (record_id, _), n in zip(part, rows, strict=True):
+                end = offset + n
+                writer.write(
+                    record_id, ids[offset:end], log_probs[offset:end], log_tail[offset:end]
+                )
+                offset = end
+            tokens += offset
+            tail_mass += float(log_tail.double().exp().sum())
+            progress.update(task, advance=len(part), tokens=tokens)
+    return tokens, tail_mass
