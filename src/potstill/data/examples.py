@@ -138,3 +138,11 @@ def _prompt_text(name: str | None) -> str | None:
         return load_prompt(name)
     except PotstillError:
         return name
+
+
+def examples_line(counts: dict) -> str:
+    """What a trainer prints once its examples are built (rich markup)."""
+    return (
+        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
+        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
+    )

@@ -13,7 +13,7 @@ from rich.console import Console
 from potstill.config import check
 from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
 from potstill.data import read_records
-from potstill.data.examples import record_examples
+from potstill.data.examples import examples_line, record_examples
 from potstill.errors import DataError
 from potstill.runs import check_same_config
 from potstill.train.checkpoint import check_resumable
@@ -77,7 +77,7 @@ def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int
 
 
 def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import check_same_vocab, load_model, load_tokenizer
+    from potstill.models import check_same_vocab, load_configured, load_tokenizer
 
     console = console or Console(stderr=True)
     check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
@@ -91,16 +91,8 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
             load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code), tokenizer
         )
     items, counts = load_items(cfg, tokenizer)
-    console.print(
-        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
-        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
-    )
-    student = load_model(
-        cfg.student.name,
-        dtype=cfg.student.dtype,
-        device=cfg.student.device,
-        trust_remote_code=cfg.student.trust_remote_code,
-    )
+    console.print(examples_line(counts))
+    student, _ = load_configured(cfg.student)
     vocab = student.get_output_embeddings().weight.shape[0]
     cache = None
     if not online:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
 from potstill.data import read_records
-from potstill.data.examples import Example, pack, record_examples
+from potstill.data.examples import Example, examples_line, pack, record_examples
 from potstill.errors import ConfigError, DataError
 from potstill.train.checkpoint import check_resumable
 from potstill.train.fit import Fit, fit_examples
@@ -54,7 +54,7 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], dict[str, i
 
 
 def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = False) -> dict:
-    from potstill.models import load_model, load_tokenizer
+    from potstill.models import load_configured, load_tokenizer
 
     console = console or Console(stderr=True)
     if resume:
@@ -65,16 +65,8 @@ def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = Fa
         )
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     examples, counts = load_examples(cfg, tokenizer)
-    console.print(
-        f"[bold]{counts['sequences']}[/] sequences, {counts['target_tokens']:,} target tokens "
-        f"({counts['skipped_no_target_tokens']} records skipped: no target token fits)"
-    )
-    model = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    console.print(examples_line(counts))
+    model, _ = load_configured(cfg.model)
     spec = Fit("sft", cfg, cfg.model, cfg.train, cfg.run, [cfg.data.source], counts)
     result, final = fit_examples(model, tokenizer, examples, spec, console=console, resume=resume)
     console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
