@@ -132,8 +132,10 @@ class DifficultyConfig:
 class SelectConfig:
     k: int | None = 4
     """Keep at most this many verified samples per question; null = keep all."""
-    order: Literal["shortest", "diverse"] = "shortest"
-    """shortest: fewest completion tokens first; diverse: farthest-first by n-gram distance."""
+    order: Literal["shortest", "diverse", "rlt_reward"] = "shortest"
+    """shortest: fewest completion tokens first; diverse: farthest-first by n-gram distance;
+    rlt_reward: the highest RLT reward for a student first (records scored by `rlt score`, or
+    scored here with the `rlt` section's teacher and student)."""
     ngram: int = 3
     """Words per n-gram for the diverse order's distance."""
 
@@ -179,11 +181,13 @@ def curate_records(
     *,
     student_rates: dict[str, float] | None = None,
     rewriter: Rewriter | None = None,
+    scorer: Rewriter | None = None,
 ) -> tuple[list[dict], list[dict], Funnel]:
     """Run the steps in STEP_ORDER; return (kept, dropped, funnel).
 
     Dropped records carry `drop_reason` and `dropped_at` (the step's name). `student_rates` (per
-    question) enables student_solves; `rewriter` enables rewrite.
+    question) enables student_solves; `rewriter` enables rewrite; `scorer` adds the RLT reward
+    to the records that reach selection (for select.order = rlt_reward).
     """
     funnel = Funnel(input_records=len(records), input_questions=count_questions(records))
     dropped_all: list[dict] = []
@@ -227,6 +231,8 @@ def curate_records(
         threshold = cfg.difficulty.threshold
         step("student_solves", drop_solved_by_student(kept, student_rates, threshold=threshold))
     select = cfg.select
+    if scorer is not None and kept:
+        kept = scorer(kept)
     step("select", select_per_question(kept, k=select.k, order=select.order, ngram=select.ngram))
     if rewriter is not None and kept:
         rewritten = rewriter(kept)

@@ -3,7 +3,9 @@
     kept, dropped = select_per_question(verified, k=2, order="shortest")
 
 `shortest` prefers the fewest completion tokens (ties by id): the student learns the most direct
-correct route, and training is cheaper. `diverse` starts from the shortest, then repeatedly takes
+correct route, and training is cheaper. `rlt_reward` prefers the trace that best teaches a named
+student by the RLT reward (records scored by `rlt score`, or by curate's own `rlt` section).
+`diverse` starts from the shortest, then repeatedly takes
 the sample farthest (word n-gram Jaccard distance) from everything taken so far: k different
 routes teach more than k paraphrases of one.
 """
@@ -26,7 +28,7 @@ def select_per_question(
     records: Sequence[dict],
     *,
     k: int | None,
-    order: Literal["shortest", "diverse"] = "shortest",
+    order: Literal["shortest", "diverse", "rlt_reward"] = "shortest",
     ngram: int = 3,
 ) -> Split:
     """Keep up to `k` samples of each question (all when `k` is None), chosen by `order`.
@@ -43,6 +45,8 @@ def select_per_question(
     for samples in by_question.values():
         if order == "shortest":
             ranked = _shortest_first(samples)[:k]
+        elif order == "rlt_reward":
+            ranked = _best_reward_first(samples)[:k]
         else:
             ranked = _farthest_first(samples, ngram, k)
         for record in ranked:
@@ -50,6 +54,15 @@ def select_per_question(
             chosen_ids.add(record["id"])
     dropped = [{**r, "drop_reason": "over_k"} for r in records if r["id"] not in chosen_ids]
     return kept, dropped
+
+
+def _best_reward_first(samples: list[dict]) -> list[dict]:
+    """Highest RLT reward first (ties: shorter, then id); unscored samples (too long for a
+    model: no `rlt_reward`) last, shortest first."""
+    scored = [r for r in samples if isinstance(r.get("rlt_reward"), int | float)]
+    unscored = [r for r in samples if not isinstance(r.get("rlt_reward"), int | float)]
+    best = sorted(scored, key=lambda r: (-r["rlt_reward"], completion_tokens(r), r["id"]))
+    return best + _shortest_first(unscored)
 
 
 def _shortest_first(samples: list[dict]) -> list[dict]:

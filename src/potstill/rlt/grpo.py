@@ -37,6 +37,7 @@ from potstill.losses.reduce import IGNORE_INDEX
 from potstill.rlt.config import GRPOConfig
 from potstill.rlt.prompts import RLTTags, Sample, system_prompt, teacher_request
 from potstill.rlt.rewards import RewardConfig, RLTModels, reward_batch
+from potstill.rlt.unclosed import rank_unclosed_last
 from potstill.teacher.backends import Sampling
 from potstill.teacher.hf_backend import HFBackend, render_prompt
 from potstill.train.loop import StepHooks
@@ -231,6 +232,9 @@ class GRPOHooks(StepHooks):
             for start in range(0, len(samples), self.cfg.reward_batch_size):
                 chunk = samples[start : start + self.cfg.reward_batch_size]
                 rewards += reward_batch(self.models, chunk, self.reward_cfg)
+            rewards = rank_unclosed_last(
+                rewards, [j // g for j in range(len(samples))], self.reward_cfg.missing_tag_reward
+            )
             rollouts, flat = [], 0
             for i in range(len(items)):
                 group = rewards[i * g : (i + 1) * g]

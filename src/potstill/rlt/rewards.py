@@ -43,6 +43,7 @@ from potstill.rlt.prompts import (
     system_prompt,
     tokenise,
 )
+from potstill.rlt.unclosed import placeholder
 
 Reduction = Literal["mean", "min", "max", "sum"]
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -63,8 +64,11 @@ class RewardConfig:
     """reward = r^SS − lam · r^KL (the paper's λ)."""
     temperature: float = 0.7
     """Sampling temperature: both models' logits are divided by it before log_softmax."""
-    missing_tag_reward: float = -1.0
-    """Reward of an explanation the teacher never closed with the explanation_end tag."""
+    missing_tag_reward: float | None = None
+    """Reward of an explanation the teacher never closed with the explanation_end tag; null
+    (default) = 1 below the lowest closed reward of its question's group, so it always ranks
+    last (a fixed −1, the paper's, sits above a warmed-up teacher's closed rewards here and
+    teaches it never to close; rlt/unclosed.py)."""
     solution_reductions: list[Reduction] = field(default_factory=lambda: ["mean", "min"])
     """r^SS = first(log-probs) + alpha · second(log-probs) over the solution tokens."""
     kl_reductions: list[Reduction] = field(default_factory=lambda: ["mean", "max"])
@@ -208,7 +212,7 @@ def _finish(
     r_kl = kl_penalty(log_ratio, cfg)
     closed = prep.sample.closed
     return RewardResult(
-        rlt_reward=r_ss - cfg.lam * r_kl if closed else cfg.missing_tag_reward,
+        rlt_reward=r_ss - cfg.lam * r_kl if closed else placeholder(cfg.missing_tag_reward),
         r_ss=r_ss,
         r_kl=r_kl,
         solution_tokens=len(prep.student_sol),

@@ -15,32 +15,89 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+from potstill.config import check
 from potstill.config.sections import ModelConfig
 from potstill.errors import DataError
 from potstill.rlt.prompts import RLTTags, Sample, split_explanation
 from potstill.rlt.rewards import RewardConfig, RLTModels, reward_batch
+from potstill.rlt.unclosed import rank_unclosed_last
 
-REQUIRED = ("solution", "explanation")
+
+@dataclass
+class RLTFields:
+    """Which record fields hold what the reward reads, so records of any stage can be scored:
+    `rlt explain` writes question/solution/explanation (the defaults); `generate`, `curate` and
+    `eval` records hold the trace in `completion` and the reference in `solution` or `answer`."""
+
+    question: str = "question"
+    """Field with the question (the student's prompt)."""
+    solution: str = "solution"
+    """Field with the reference solution the student is scored on (e.g. `answer`)."""
+    explanation: str = "explanation"
+    """Field with the explanation to score (`completion` for generate, curate or eval output)."""
+
+    def __post_init__(self):
+        for role in ("question", "solution", "explanation"):
+            name = getattr(self, role)
+            check(isinstance(name, str) and name.strip() != "", f"{role}: must name a field")
 
 
-def check_fields(records: Sequence[dict], source: str) -> None:
-    """DataError naming the first record without a solution or explanation, before any model
-    work (a long job should not fail half-way on record 10,000)."""
+@dataclass
+class RLTScoring:
+    """Who scores explanations with the RLT reward, and how (teacher and student must share a
+    vocabulary): `rlt score`'s config, and curate's `rlt` section for select.order=rlt_reward."""
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher π_θ that wrote the explanations (it sees the solution)."""
+    student: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
+    )
+    """The student π_s the explanations are for (it does not see the solution)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward weights, temperature, reductions."""
+    batch_size: int = 8
+    """Records per forward pass (one teacher and one student forward per batch)."""
+    fields: RLTFields = field(default_factory=RLTFields)
+    """Which record fields hold question, solution and explanation (e.g. explanation:
+    completion, solution: answer for `generate` output)."""
+    tags: RLTTags = field(default_factory=RLTTags)
+    """Section tags; keep them equal to the ones the explanations were generated with."""
+    teacher_system_prompt: str | None = "rlt_teacher"
+    """Bundled prompt name or .txt file: the teacher's system prompt (null = none)."""
+    student_system_prompt: str | None = "rlt_student"
+    """Bundled prompt name or .txt file: the student's system prompt (null = none)."""
+
+    def __post_init__(self):
+        check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+
+
+def check_fields(records: Sequence[dict], source: str, fields: RLTFields | None = None) -> None:
+    """DataError naming the first record without a mapped text field, before any model work (a
+    long job should not fail half-way on record 10,000)."""
+    fields = fields or RLTFields()
     for i, record in enumerate(records):
-        for name in REQUIRED:
+        for role in ("question", "solution", "explanation"):
+            name = getattr(fields, role)
             if not isinstance(record.get(name), str):
+                hint = (
+                    " (generate, curate and eval write `completion`)"
+                    if role == "explanation"
+                    else ""
+                )
                 raise DataError(
-                    f"{source}: record '{record.get('id', i)}' has no '{name}' field; RLT scoring "
-                    "needs question, solution and explanation (run the teacher's explain step "
-                    "first, or give records that carry them)"
+                    f"{source}: record '{record.get('id', i)}' has no text field '{name}' "
+                    f"(fields.{role}); set fields.{role} to the record field that holds the "
+                    f"{role}{hint}"
                 )
 
 
-def _sample(record: dict, tags: RLTTags) -> Sample:
-    explanation, closed = split_explanation(record["explanation"], tags)
+def _sample(record: dict, tags: RLTTags, fields: RLTFields) -> Sample:
+    explanation, closed = split_explanation(record[fields.explanation], tags)
     closed = closed or record.get("explanation_closed", True) is not False
-    return Sample(record["question"], record["solution"], explanation, closed, str(record["id"]))
+    question, solution = record[fields.question], record[fields.solution]
+    return Sample(question, solution, explanation, closed, str(record["id"]))
 
 
 def score_records(
@@ -54,6 +111,7 @@ def score_records(
     teacher_system_prompt: str | None = "rlt_teacher",
     student_system_prompt: str | None = "rlt_student",
     source: str = "records",
+    fields: RLTFields | None = None,
     on_batch: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
     """Records with the RLT reward and its parts added, in input order.
@@ -62,37 +120,48 @@ def score_records(
     length, so a question's explanations share a batch (their common prefix runs once) and
     padding stays small. `on_batch(n)` is told after every batch of n records.
     """
-    check_fields(records, source)
+    fields = fields or RLTFields()
+    check_fields(records, source, fields)
     tags = tags or RLTTags()
     models = RLTModels(
         teacher[0], teacher[1], student[0], student[1], tags,
         teacher_system_prompt, student_system_prompt,
     )  # fmt: skip
-    samples = [_sample(r, tags) for r in records]
+    samples = [_sample(r, tags, fields) for r in records]
     order = sorted(
         range(len(samples)),
         key=lambda i: (samples[i].question, samples[i].solution, len(samples[i].explanation)),
     )
-    out: list[dict | None] = [None] * len(records)
+    results: list = [None] * len(records)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        results = reward_batch(models, [samples[i] for i in chunk], cfg)
-        for i, result in zip(chunk, results, strict=True):
-            record = dict(records[i])
-            if result.skipped is not None:
-                record["drop_reason"] = result.skipped
-            else:
-                record.update(
-                    rlt_reward=result.rlt_reward,
-                    r_ss=result.r_ss,
-                    r_kl=result.r_kl,
-                    solution_tokens=result.solution_tokens,
-                    explanation_tokens=result.explanation_tokens,
-                    explanation_closed=result.closed,
-                )
-            out[i] = record
+        for i, result in zip(
+            chunk, reward_batch(models, [samples[i] for i in chunk], cfg), strict=True
+        ):
+            results[i] = result
         on_batch(len(chunk))
-    return [r for r in out if r is not None]
+    groups = [(s.question, s.solution) for s in samples]
+    fixed = (cfg or RewardConfig()).missing_tag_reward
+    return [
+        _scored(r, result)
+        for r, result in zip(records, rank_unclosed_last(results, groups, fixed), strict=True)
+    ]
+
+
+def _scored(record: dict, result) -> dict:
+    record = dict(record)
+    if result.skipped is not None:
+        record["drop_reason"] = result.skipped
+    else:
+        record.update(
+            rlt_reward=result.rlt_reward,
+            r_ss=result.r_ss,
+            r_kl=result.r_kl,
+            solution_tokens=result.solution_tokens,
+            explanation_tokens=result.explanation_tokens,
+            explanation_closed=result.closed,
+        )
+    return record
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -123,3 +192,23 @@ def load_eval_model(model_cfg: ModelConfig):
 
     model, tokenizer = load_configured(model_cfg)
     return model.eval(), tokenizer
+
+
+def score_with(cfg: RLTScoring, records: list[dict], source: str, console) -> list[dict]:
+    """Load `cfg`'s teacher and student (vocabularies checked first) and score `records` with
+    a progress bar: what `rlt score` and curate's rlt_reward selection do."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    check_fields(records, source, cfg.fields)
+    check_pair_vocab(cfg.teacher, cfg.student)  # before loading two models
+    teacher = load_eval_model(cfg.teacher)
+    student = teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("score", total=len(records))
+        return score_records(
+            records, teacher, student, cfg.reward, cfg.batch_size, tags=cfg.tags,
+            teacher_system_prompt=cfg.teacher_system_prompt,
+            student_system_prompt=cfg.student_system_prompt, fields=cfg.fields, source=source,
+            on_batch=lambda n: progress.advance(task, n),
+        )  # fmt: skip

@@ -29,6 +29,7 @@ from potstill.curate.rewrite import pending_rewrites, rewrite_traces
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError
 from potstill.fsutil import atomic_write_text
+from potstill.rlt.score import RLTScoring, check_fields, score_with
 from potstill.runs import RunDir
 from potstill.teacher.backends import Backend, Sampling
 
@@ -55,6 +56,10 @@ class CurateConfig:
     """Step 7: rejection sampling, at most k samples per question."""
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     """Step 8 (off by default): restructure kept traces with a model, re-verified."""
+    rlt: RLTScoring | None = None
+    """Teacher and student that score traces for select.order=rlt_reward (the trace in
+    fields.explanation, e.g. completion; the reference in fields.solution, e.g. answer); omit
+    when the records already carry rlt_reward (from `rlt score`)."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/curate"))
     """Run directory: kept.jsonl, dropped.jsonl, funnel.json, config, manifest."""
 
@@ -83,6 +88,7 @@ def run_curate(
     if cfg.student_samples:
         student_rates = read_student_rates(cfg.student_samples, cfg.verify.threshold)
     prompt = _rewrite_prompt(cfg.rewrite) if cfg.rewrite.enabled else None
+    scoring = _rlt_scoring(cfg, records)
     inputs = [cfg.data.source, *([cfg.student_samples] if cfg.student_samples else [])]
     console.print(f"[bold]{len(records)}[/] samples from {cfg.data.source}")
 
@@ -110,10 +116,17 @@ def run_curate(
                         threshold=cfg.verify.threshold,
                     )
 
+        def scorer(kept: list[dict]) -> list[dict]:
+            with run.timed("rlt_score"):
+                scored = score_with(scoring, kept, cfg.data.source, console)
+            # Too long to score is not a reason to drop a verified trace: it ranks last instead.
+            return [_skip_note(r) for r in scored]
+
         with run.timed("curate"):
             kept, dropped, funnel = curate_records(
-                records, cfg, student_rates=student_rates, rewriter=rewriter
-            )
+                records, cfg, student_rates=student_rates, rewriter=rewriter,
+                scorer=scorer if scoring is not None else None,
+            )  # fmt: skip
         write_records(run.path / "kept.jsonl", kept)
         write_records(run.path / "dropped.jsonl", dropped)
         atomic_write_text(run.path / "funnel.json", json.dumps(funnel.to_dict(), indent=2) + "\n")
@@ -127,6 +140,31 @@ def run_curate(
     console.print(funnel.table())
     console.print(f"kept → {run.path / 'kept.jsonl'}   dropped → {run.path / 'dropped.jsonl'}")
     return funnel
+
+
+def _skip_note(record: dict) -> dict:
+    if "drop_reason" not in record:
+        return record
+    record = dict(record)
+    record["rlt_skipped"] = record.pop("drop_reason")
+    return record
+
+
+def _rlt_scoring(cfg: CurateConfig, records: list[dict]) -> RLTScoring | None:
+    """The scoring section select.order=rlt_reward needs (None: not asked, or the records
+    carry rlt_reward already); refused up front when it is needed and missing."""
+    if cfg.select.order != "rlt_reward":
+        return None
+    if all(isinstance(r.get("rlt_reward"), int | float) for r in records):
+        return None
+    if cfg.rlt is None:
+        raise ConfigError(
+            "select.order=rlt_reward: the records carry no rlt_reward; score them first with "
+            "`potstill rlt score`, or give the rlt section (rlt.teacher.name, rlt.student.name, "
+            "rlt.fields.explanation=completion) so curate scores them"
+        )
+    check_fields(records, cfg.data.source, cfg.rlt.fields)  # before the run directory exists
+    return cfg.rlt
 
 
 def _rewrite_prompt(rewrite: RewriteConfig) -> str:
