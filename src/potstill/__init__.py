@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _STAGES = (
     "quickstart", "generate", "curate", "sft", "distill", "teacher_cache", "evaluate",
-    "rlt_score", "rlt_warmup", "rlt_train", "rlt_explain",
+    "compare", "rlt_score", "rlt_warmup", "rlt_train", "rlt_explain",
 )  # fmt: skip
 _FUNCTIONS = {
     "load_model": "potstill.models",

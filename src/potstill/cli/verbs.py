@@ -88,6 +88,12 @@ VERBS: dict[str, Verb] = {
             "shard",
         ),
         _verb(
+            "compare", ("compare",), "compare", "CompareConfig", "run_compare",
+            "Train one student per distillation method (sft, logit, on_policy, "
+            "sft_then_on_policy) at the same step budget; evaluate all on held-out sets that "
+            "test transfer; one table with standard errors.",
+        ),
+        _verb(
             "rlt_score", ("rlt", "score"), "rlt_score", "RLTScoreConfig", "run_score",
             "Score explanations with the RLT reward (r^SS - lambda r^KL) for a student.",
         ),

@@ -1,0 +1,330 @@
+"""`potstill compare`: which distillation method makes the best student, on held-out sets that
+test transfer, at the same student budget.
+
+    potstill compare --config configs/compare-cpu.yaml
+
+1. The teacher answers the training questions once; its verified traces (curated, shortest per
+   question) are what every method learns from.
+2. One student per method, each the existing stage underneath, each in its own run directory
+   under `methods/`, every one with the same optimizer steps (`budget.max_steps`):
+   sft (SFT on the traces), logit (the teacher's top-k cache over the same traces, distill with
+   the hard+soft mix), on_policy (GKD: the student samples, the teacher scores), and
+   sft_then_on_policy (half the steps SFT, then on-policy from that student).
+3. Every student, the student before training and (optionally) the teacher answer every held-out
+   set, with the training system prompt and without it.
+4. One table (`compare.md`, `compare.json`): accuracy ± standard error per model × set, the
+   student's training tokens, seconds and estimated FLOPs, the teacher's compute and $, and which
+   differences from the untrained student are inside the noise.
+
+A killed compare, rerun, redoes only what is unfinished (every step is a resumable stage); a
+method that fails is reported as failed and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+
+from potstill.config import check
+from potstill.config.sections import (
+    GenerationConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    SFTDataConfig,
+    TrainConfig,
+)
+from potstill.data import read_records, write_records
+from potstill.errors import ConfigError, PotstillError
+from potstill.eval.compare import Method, compare_table, write_tables
+from potstill.eval.config import CostConfig, EvalModel, EvalTask
+from potstill.eval.tasks import normal_question
+from potstill.runs import RunDir
+from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig, OnPolicyConfig
+
+METHODS = ("sft", "logit", "on_policy", "sft_then_on_policy")
+MethodName = Literal["sft", "logit", "on_policy", "sft_then_on_policy"]
+
+
+@dataclass
+class HeldOutSet:
+    name: str = "in_distribution"
+    """Name of the set in the table."""
+    source: str = "rg:basic_arithmetic?size=20&seed=10000&max_terms=3&max_digits=2"
+    """Questions with answers: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S."""
+    kind: Literal["in_distribution", "rephrased", "other_family"] = "in_distribution"
+    """What the set tests: the training tasks on new seeds; the same skills phrased otherwise;
+    task families not trained on that need the same skill. Reported apart."""
+
+    def __post_init__(self):
+        check(bool(self.name.strip()), "name: empty; give each held-out set a name")
+
+
+@dataclass
+class CompareConfig:
+    """Train one student per method from the same teacher traces under the same step budget;
+    evaluate every student on every held-out set."""
+
+    teacher: ModelConfig = field(
+        default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
+    )
+    """The teacher: writes the traces, and is the logit / on-policy teacher (same vocabulary)."""
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(lora=LoraConfig()))
+    """The student every method starts from."""
+    train: str = "rg:basic_arithmetic?size=40&seed=1&max_terms=3&max_digits=2"
+    """Training questions (with answers, for verifying the teacher's traces)."""
+    held_out: list[HeldOutSet] = field(default_factory=lambda: [HeldOutSet()])
+    """Held-out sets; none may share a question (by id or text) with the training questions."""
+    methods: list[MethodName] = field(default_factory=lambda: list(METHODS))
+    """Methods to compare, each trained for budget.max_steps optimizer steps."""
+    decoding: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(
+            max_new_tokens=96, batch_size=16, system_prompt="arithmetic_steps"
+        )
+    )
+    """How the teacher writes traces and how every model answers the held-out sets; its system
+    prompt is the training prompt."""
+    eval_without_system_prompt: bool = True
+    """Also evaluate every model with no system prompt (does the gain survive without it?)."""
+    eval_teacher: bool = True
+    """Evaluate the teacher on the held-out sets too (the ceiling of the table)."""
+    budget: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=2e-4, max_steps=20, micro_batch_size=4, grad_accum=2, max_seq_len=256,
+            warmup_ratio=0.1, save_every=5,
+        )
+    )  # fmt: skip
+    """The student budget every method gets: the same optimizer steps and batch."""
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
+    """The logit method's loss (divergence, temperature, hard/soft mix)."""
+    on_policy_loss: KDLossConfig = field(
+        default_factory=lambda: KDLossConfig(divergence="reverse_kl")
+    )
+    """The on-policy methods' loss (GKD uses reverse KL or JSD)."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """GKD's λ and the student's sampling."""
+    cache_k: int = 64
+    """Top-k of the teacher cache the logit method distils from."""
+    cost: CostConfig = field(default_factory=CostConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/compare"))
+
+    def __post_init__(self):
+        check(bool(self.held_out), "held_out: empty; list at least one held-out set")
+        check(bool(self.methods), f"methods: empty; choose from {', '.join(METHODS)}")
+        names = [s.name for s in self.held_out]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        check(not dupes, f"held_out: set names must be unique, '{dupes[0] if dupes else ''}'")
+        check(
+            len(set(self.methods)) == len(self.methods),
+            f"methods: each method once, got {self.methods}",
+        )
+        check(
+            self.budget.max_steps is not None,
+            "budget.max_steps: required; every method trains for exactly this many steps",
+        )
+        check(
+            "sft_then_on_policy" not in self.methods or (self.budget.max_steps or 0) >= 2,
+            "budget.max_steps: sft_then_on_policy splits the steps in two; give at least 2",
+        )
+        check(self.cache_k > 0, f"cache_k: must be > 0, got {self.cache_k}")
+
+
+def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    out = Path(cfg.run.output_dir)
+    train, held_out = _read_and_check(cfg)  # bad input fails before anything is written
+    sources = [cfg.train, *(s.source for s in cfg.held_out)]
+    with RunDir(out, command="compare", config=cfg, inputs=sources) as run:
+        data = run.path / "data"
+        write_records(data / "train.jsonl", train)
+        for name, records in held_out.items():
+            write_records(data / f"held-out-{name}.jsonl", records)
+        with run.timed("traces"):
+            kept = _teacher_traces(cfg, run.path, console)
+        methods = []
+        for name in cfg.methods:
+            console.rule(f"[bold]method {name}")
+            methods.append(_train_method(cfg, name, run.path, kept, console))
+        with run.timed("eval"):
+            _evaluate(cfg, run.path, methods, console)
+        table = compare_table(run.path, cfg, methods)
+        write_tables(run.path, table)
+        run.count(methods=len(methods), failed=sum(m.failed is not None for m in methods))
+    console.print(table["markdown"])
+    return table
+
+
+def _read_and_check(cfg: CompareConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    train = read_records(cfg.train)
+    held = {s.name: read_records(s.source) for s in cfg.held_out}
+    source = {s.name: s.source for s in cfg.held_out}
+    ids, texts = {r["id"] for r in train}, {normal_question(r["question"]) for r in train}
+    for name, records in held.items():
+        if not records:
+            raise ConfigError(f"held_out '{name}': {source[name]} holds no records")
+        by_id = next((r["id"] for r in records if r["id"] in ids), None)
+        by_text = next((r["id"] for r in records if normal_question(r["question"]) in texts), None)
+        if by_id or by_text:
+            how = f"id '{by_id}'" if by_id else f"the text of '{by_text}'"
+            raise ConfigError(
+                f"held_out '{name}': shares {how} with the training questions ({cfg.train}); a "
+                "held-out set must be unseen: draw it from another seed or source"
+            )
+    return train, held
+
+
+def _eval_model(model: ModelConfig, label: str, role: str, name: str | None = None) -> EvalModel:
+    return EvalModel(
+        name=name or model.name, label=label, role=role, dtype=model.dtype, device=model.device,
+        trust_remote_code=model.trust_remote_code,
+    )  # fmt: skip
+
+
+def _teacher_traces(cfg: CompareConfig, path: Path, console) -> str:
+    """The teacher answers the training questions (greedy, the eval's decoding); curation keeps
+    the verified, untruncated, shortest answer per question. Returns kept.jsonl's path."""
+    from potstill.curate.pipeline import DedupConfig, FormatConfig, SelectConfig
+    from potstill.eval.results import answers_dir
+    from potstill.stages.curate import CurateConfig, run_curate
+    from potstill.stages.eval import EvalConfig, run_eval
+
+    teacher = _eval_model(cfg.teacher, "teacher", "teacher")
+    eval_cfg = EvalConfig(
+        models=[teacher], tasks=[EvalTask(source=str(path / "data" / "train.jsonl"), name="train")],
+        generation=replace(cfg.decoding, temperature=0.0, num_samples=1), cost=cfg.cost,
+        run=RunConfig(output_dir=str(path / "traces"), log_with=cfg.run.log_with),
+    )  # fmt: skip
+    run_eval(eval_cfg, console)
+    from potstill.config.sections import DataConfig
+
+    run_curate(
+        CurateConfig(
+            data=DataConfig(source=str(answers_dir(path / "traces", "teacher", "train"))),
+            format=FormatConfig(drop_truncated=True, tags=[]),
+            dedup=DedupConfig(exact=True, near=False),
+            select=SelectConfig(k=1, order="shortest"),
+            run=RunConfig(output_dir=str(path / "curate"), log_with=cfg.run.log_with),
+        ),
+        console,
+    )
+    kept = path / "curate" / "kept.jsonl"
+    if not kept.read_text().strip():
+        raise PotstillError(
+            f"{path / 'curate' / 'funnel.json'}: the teacher got no training question right; "
+            "use a stronger teacher or an easier task"
+        )
+    return str(kept)
+
+
+def _train_method(cfg: CompareConfig, name: str, path: Path, kept: str, console) -> Method:
+    """Train one student; a failure is recorded (and reported), not raised."""
+    out = path / "methods" / name
+    try:
+        runs = METHOD_TRAINERS[name](cfg, out, kept, console)
+    except Exception as exc:  # noqa: BLE001 - one method's failure must not stop the others
+        console.print(f"[red]method {name} failed[/]: {exc}")
+        return Method(name, out, [], failed=f"{type(exc).__name__}: {exc}")
+    return Method(name, out, runs)
+
+
+def _data(cfg: CompareConfig, kept: str) -> SFTDataConfig:
+    return SFTDataConfig(source=kept, system_prompt=cfg.decoding.system_prompt)
+
+
+def _run_cfg(cfg: CompareConfig, out: Path) -> RunConfig:
+    return RunConfig(output_dir=str(out), log_with=cfg.run.log_with)
+
+
+def _sft(cfg, out: Path, kept: str, console, steps: int | None = None) -> list[Path]:
+    from potstill.stages.sft import SFTConfig, run_sft
+
+    train = replace(cfg.budget, max_steps=steps or cfg.budget.max_steps)
+    run_sft(SFTConfig(cfg.student, _data(cfg, kept), train, _run_cfg(cfg, out)), console)
+    return [out]
+
+
+def _logit(cfg, out: Path, kept: str, console) -> list[Path]:
+    from potstill.stages.distill import DistillConfig, run_distill
+    from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
+
+    cache = out.parent.parent / "teacher-cache"
+    run_teacher_cache(
+        TeacherCacheConfig(
+            teacher=replace(cfg.teacher, lora=None), data=_data(cfg, kept), k=cfg.cache_k,
+            temperature=cfg.loss.temperature, max_seq_len=cfg.budget.max_seq_len,
+            run=_run_cfg(cfg, cache),
+        ),
+        console,
+    )  # fmt: skip
+    teacher = DistillTeacherConfig(model=cfg.teacher, mode="offline", cache=str(cache))
+    distill = DistillConfig(cfg.student, teacher, cfg.loss, _data(cfg, kept), cfg.budget)
+    run_distill(replace(distill, run=_run_cfg(cfg, out)), console)
+    return [cache, out]
+
+
+def _on_policy(cfg, out: Path, kept: str, console, student=None, steps=None) -> list[Path]:
+    from potstill.stages.distill import DistillConfig, run_distill
+
+    teacher = DistillTeacherConfig(model=cfg.teacher, mode="on_policy", on_policy=cfg.on_policy)
+    train = replace(cfg.budget, max_steps=steps or cfg.budget.max_steps)
+    distill = DistillConfig(
+        student or cfg.student, teacher, cfg.on_policy_loss, _data(cfg, kept), train,
+        _run_cfg(cfg, out),
+    )  # fmt: skip
+    run_distill(distill, console)
+    return [out]
+
+
+def _sft_then_on_policy(cfg, out: Path, kept: str, console) -> list[Path]:
+    first = cfg.budget.max_steps // 2
+    _sft(cfg, out / "sft", kept, console, steps=first)
+    student = replace(cfg.student, name=str(out / "sft" / "final"))
+    second = cfg.budget.max_steps - first
+    _on_policy(cfg, out / "on_policy", kept, console, student=student, steps=second)
+    return [out / "sft", out / "on_policy"]
+
+
+METHOD_TRAINERS = {
+    "sft": _sft,
+    "logit": _logit,
+    "on_policy": _on_policy,
+    "sft_then_on_policy": _sft_then_on_policy,
+}
+
+
+def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) -> None:
+    """Every model on every held-out set, with the training system prompt and (optionally)
+    without; each variant one resumable eval run."""
+    from potstill.stages.eval import EvalConfig, run_eval
+
+    models = [_eval_model(cfg.student, "student (before)", "student")]
+    if cfg.eval_teacher:
+        models.insert(0, _eval_model(cfg.teacher, "teacher", "teacher"))
+    for m in methods:
+        if m.failed is None:
+            models.append(_eval_model(cfg.student, m.name, "student", name=str(m.final)))
+    tasks = [
+        EvalTask(source=str(path / "data" / f"held-out-{s.name}.jsonl"), name=s.name)
+        for s in cfg.held_out
+    ]
+    prompts = {"with_prompt": cfg.decoding.system_prompt}
+    if cfg.eval_without_system_prompt and cfg.decoding.system_prompt:
+        prompts["no_prompt"] = None
+    for variant, prompt in prompts.items():
+        run_eval(
+            EvalConfig(
+                models=models, tasks=tasks, exclude=[str(path / "data" / "train.jsonl")],
+                generation=replace(cfg.decoding, system_prompt=prompt), cost=cfg.cost,
+                run=RunConfig(output_dir=str(path / "eval" / variant), log_with=cfg.run.log_with),
+            ),
+            console,
+        )  # fmt: skip
+
+
+def load_summary(path: str | Path) -> dict:
+    """The table a finished compare wrote (`compare.json`)."""
+    return json.loads((Path(path) / "compare.json").read_text())

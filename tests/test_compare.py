@@ -1,0 +1,106 @@
+"""`potstill compare` on tiny models: one row per method × held-out set, the same budget for
+every method, bad configs refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from potstill.config import load_config
+from potstill.data import write_records
+from potstill.errors import ConfigError
+from potstill.stages.compare import CompareConfig, run_compare
+
+from .conftest import assert_one_line_error, run_cli
+
+REFUSE_ALL = "(?!)"
+
+
+def _questions(path, prefix, first, n, accept_every=2):
+    rows = [
+        {"id": f"{prefix}-{i}", "question": f"What is {i} + {i}?", "task": "regex",
+         "answer": ".*" if i % accept_every == 0 else REFUSE_ALL}
+        for i in range(first, first + n)
+    ]  # fmt: skip
+    return str(write_records(path, rows))
+
+
+def _overrides(model_dir, tmp_path, *extra):
+    train = _questions(tmp_path / "train.jsonl", "t", 0, 6, accept_every=1)
+    near = _questions(tmp_path / "near.jsonl", "n", 10, 4)
+    far = _questions(tmp_path / "far.jsonl", "f", 20, 6, accept_every=3)
+    return [
+        f"teacher.name={model_dir}", f"student.name={model_dir}",
+        "student.lora={r: 4, alpha: 8}", f"train={train}",
+        f"held_out=[{{name: near, source: {near}}}, "
+        f"{{name: far, source: {far}, kind: other_family}}]",
+        "methods=[sft, logit]", "decoding.max_new_tokens=8", "decoding.batch_size=8",
+        "decoding.stop=[' ', 'e', 'a', 't', 'o']",
+        "decoding.system_prompt=arithmetic_steps", "budget.max_steps=1",
+        "budget.micro_batch_size=2", "budget.grad_accum=1", "budget.max_seq_len=1024",
+        "cache_k=8", "cost.latency_samples=0", "run.log_with=[]",
+        f"run.output_dir={tmp_path / 'cmp'}", *extra,
+    ]  # fmt: skip
+
+
+def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_model_dir, tmp_path):
+    cfg = load_config(CompareConfig, overrides=_overrides(tiny_model_dir, tmp_path))
+    table = run_compare(cfg, Console(quiet=True))
+    out = tmp_path / "cmp"
+    assert [r["model"] for r in table["rows"]] == ["teacher", "student (before)", "sft", "logit"]
+    keys = ["near/with_prompt", "near/no_prompt", "far/with_prompt", "far/no_prompt"]
+    for row in table["rows"]:
+        assert sorted(row["cells"]) == sorted(keys), row["model"]
+        assert all(row["cells"][k] is not None for k in keys), row["model"]
+    for row in table["rows"][2:]:
+        assert row["failed"] is None
+        assert row["training"]["steps"] == 1 and row["training"]["tokens"] > 0
+    # The same budget: both methods trained on the same micro-batch of the same traces.
+    sft, logit = (r["training"] for r in table["rows"][2:])
+    assert sft["tokens"] == logit["tokens"]
+    # Accuracies are real counts of a real verifier: near accepts 2 of 4, far 2 of 6, always.
+    for row in table["rows"]:
+        for k in keys:
+            want = 0.5 if k.startswith("near") else 1 / 3
+            assert row["cells"][k]["accuracy"] == pytest.approx(want), (row["model"], k)
+    assert (out / "compare.md").read_text().startswith("| model | steps |")
+    assert json.loads((out / "compare.json").read_text())["budget"]["max_steps"] == 1
+    # A rerun finds every method trained: no step is redone, the table is the same.
+    again = run_compare(cfg, Console(quiet=True))
+    assert [r["cells"] for r in again["rows"]] == [r["cells"] for r in table["rows"]]
+    attempts = json.loads((out / "methods" / "sft" / "manifest.json").read_text())["attempts"]
+    assert len(attempts) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["methods=[sft, distil]"], "methods[1]: 'distil' is not one of"),
+        (["held_out=[]"], "held_out: empty; list at least one held-out set"),
+        (["budget.max_steps=null"], "budget.max_steps: required"),
+    ],
+)
+def test_bad_configs_are_refused(tiny_model_dir, tmp_path, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CompareConfig, overrides=_overrides(tiny_model_dir, tmp_path, *extra))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overlap", ["id", "text"])
+def test_a_held_out_set_overlapping_training_is_refused_in_one_line(
+    tiny_model_dir, tmp_path, overlap
+):
+    clash = (
+        {"id": "t-1", "question": "Something new?", "task": "regex", "answer": ".*"}
+        if overlap == "id"
+        else {"id": "x-1", "question": "What is 2 + 2?", "task": "regex", "answer": ".*"}
+    )
+    bad = write_records(tmp_path / "bad.jsonl", [clash])
+    sets = [f"--set={o}" for o in _overrides(tiny_model_dir, tmp_path)]
+    sets.append(f"--set=held_out=[{{name: bad, source: {bad}}}]")
+    proc = run_cli("compare", *sets)
+    what = "id 't-1'" if overlap == "id" else "the text of 'x-1'"
+    assert_one_line_error(proc, f"held_out 'bad': shares {what} with the training questions")
+    assert not (tmp_path / "cmp").exists()
