@@ -5,6 +5,7 @@ Each field's help is the docstring under it (`potstill config show distill`).
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -120,8 +121,16 @@ class KDLossConfig:
         # The registry (imported here: it imports torch) names the divergence and checks its
         # parameters, so a config accepts exactly what the losses can compute.
         from potstill.errors import ConfigError
-        from potstill.losses.registry import check_divergence
+        from potstill.losses.registry import check_divergence, divergence_names
 
+        names = divergence_names()
+        if self.divergence not in names:
+            close = difflib.get_close_matches(self.divergence, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"divergence: {self.divergence!r} is not one of {', '.join(names)} (or a "
+                f"divergence registered in potstill.losses){hint}"
+            )
         try:
             check_divergence(self.divergence, self.divergence_params())
         except ConfigError as exc:
