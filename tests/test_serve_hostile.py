@@ -28,14 +28,19 @@ from .conftest import CHATML, build_model, build_tokenizer, kill_group
 
 REFUSING = (
     "{% if messages[0]['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}{% endif %}" + CHATML
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate') }}{% endif %}{% endfor %}" + CHATML
 )
-"""ChatML that refuses a system turn, as e.g. Gemma's template does."""
+"""ChatML that refuses a system turn and turns out of order, as e.g. Gemma's template does. A
+system turn is folded into the first user turn (`render_chat`) and served; two user turns in a
+row are refused whatever potstill does."""
 KNOWN_TOKENS = 300
 """The model's embedding covers the tokenizer's first 300 of 320 tokens (a vocabulary mismatch),
 so a prompt holding one of the last 20 fails inside the model: a real backend failure."""
 GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "7"}], "max_tokens": 3}
-REFUSED = {**GOOD, "messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
+REFUSED = {**GOOD, "messages": [*GOOD["messages"], *GOOD["messages"]]}
+SYSTEM = {**GOOD, "messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
 FAILING = {**GOOD, "messages": [{"role": "user", "content": "teacher student"}]}  # ids 300+
 
 
@@ -122,10 +127,11 @@ def test_a_request_the_template_refuses_is_a_400_and_the_rest_are_served(serve):
         replies = list(pool.map(lambda body: chat(url, body), [REFUSED, GOOD] * 3))
     for refused in replies[::2]:
         assert_openai_error(
-            refused.status_code, refused.content, 400, "chat template", "System role not supported"
+            refused.status_code, refused.content, 400, "chat template", "roles must alternate"
         )
     assert [reply.status_code for reply in replies[1::2]] == [200] * 3
     assert_serves(url)
+    assert chat(url, SYSTEM).status_code == 200  # the system turn the template refuses: folded
 
 
 class UncountedBackend(HFBackend):
@@ -143,7 +149,7 @@ def test_a_refusal_inside_generate_is_a_400_alone_and_a_500_in_a_batch(model_dir
     )
     try:
         alone = chat(url, REFUSED)
-        assert_openai_error(alone.status_code, alone.content, 400, "System role not supported")
+        assert_openai_error(alone.status_code, alone.content, 400, "roles must alternate")
         with ThreadPoolExecutor(4) as pool:  # whichever share a batch with a refused one fail
             replies = list(pool.map(lambda body: chat(url, body), [REFUSED, GOOD] * 2))
         assert {reply.status_code for reply in replies} <= {200, 400, 500}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
+from potstill.config.trackers import check_trackers
 
 
 @dataclass
@@ -271,6 +272,9 @@ class RunConfig:
         default_factory=lambda: ["tensorboard"]
     )
     """Experiment trackers; W&B and MLflow need their extras installed."""
+
+    def __post_init__(self):
+        check_trackers(self.log_with)  # refused here, before any model loads
 
 
 @dataclass

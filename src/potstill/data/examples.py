@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from potstill.data.chat import render_chat
+from potstill.data.chat import end_of_turn_ids, render_chat
 from potstill.errors import DataError, PotstillError
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
@@ -27,16 +27,20 @@ class Example:
 
 
 def build_example(
-    tokenizer, prompt_messages: tuple[dict, ...], target: str, max_len: int, *, prefill: str = ""
-) -> Example | None:
+    tokenizer, prompt_messages: tuple[dict, ...], target: str, max_len: int, *,
+    prefill: str = "", end_turn: bool = True,
+) -> Example | None:  # fmt: skip
     """Tokenise prompt and target apart (so the boundary is exact), truncate to `max_len`;
     None when no target token survives the truncation. `prefill` starts the assistant turn as
-    part of the prompt (no loss on it)."""
+    part of the prompt (no loss on it). The target ends with the chat template's end-of-turn
+    (`data.chat.end_of_turn`: `<end_of_turn>` for Gemma, not the tokenizer's eos), so the student
+    learns to stop where generation stops; `end_turn=False` leaves it off (a sample cut by a
+    token limit did not end its turn)."""
     prompt = render_chat(tokenizer, prompt_messages, prefill)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        target_ids = [*target_ids, tokenizer.eos_token_id]
+    if end_turn:
+        target_ids = [*target_ids, *end_of_turn_ids(tokenizer)]
     ids = (prompt_ids + target_ids)[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_len]
     if all(label == IGNORE_INDEX for label in labels):

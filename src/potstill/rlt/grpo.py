@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from potstill.data.chat import stop_token_id
 from potstill.data.seeds import rollout_seed
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.rlt.config import GRPOConfig
@@ -262,7 +263,8 @@ class GRPOHooks(StepHooks):
         if generation.finish_reason == "stop" and self.tags.explanation_end not in (
             self.tokenizer.decode(sampled)
         ):
-            sampled.append(self.tokenizer.eos_token_id)  # it chose to end: that is an action too
+            # It chose to end: that is an action too, the token the backend stopped on.
+            sampled.append(stop_token_id(self.tokenizer))
         return Rollout(
             input_ids=prompt_ids + sampled,
             labels=[IGNORE_INDEX] * len(prompt_ids) + sampled,

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from potstill.data.chat import render_chat
+from potstill.data.chat import render_chat, stop_token_id
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 
@@ -179,8 +179,13 @@ class HFBackend(Backend):
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
+    """What ends a sample: the model's own eos ids, the tokenizer's eos, and the chat template's
+    end-of-turn token (the one every training target ends with, `data.chat.end_of_turn`), which
+    a base model's generation config does not name: a Gemma base fine-tuned on `<end_of_turn>`
+    targets must stop on it, not run on to `max_new_tokens`."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    for extra in (tokenizer.eos_token_id, stop_token_id(tokenizer)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
     return ids

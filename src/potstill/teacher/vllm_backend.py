@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from potstill.data.chat import stop_token_id
 from potstill.errors import DataError, ModelError
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 from potstill.teacher.hf_backend import render_prompt
@@ -70,6 +71,10 @@ class VLLMBackend(Backend):
             **engine_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # The chat template's end-of-turn, which vLLM does not stop on by itself when the
+        # model's generation config names only the eos (a base model fine-tuned to chat).
+        stop = stop_token_id(self.tokenizer)
+        self._stop_ids = [stop] if stop is not None else []
 
     @property
     def context_length(self) -> int:
@@ -94,6 +99,7 @@ class VLLMBackend(Backend):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             stop=list(sampling.stop) or None,
+            stop_token_ids=self._stop_ids or None,
             seed=request.seed,
         )
 

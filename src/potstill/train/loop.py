@@ -34,7 +34,7 @@ from potstill.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from potstill.train.processes import make_accelerator, teardown
+from potstill.train.processes import make_accelerator, start_trackers, teardown
 
 LossFn = Callable[[Any, dict, int], tuple[torch.Tensor, dict[str, float]]]
 """(model, micro_batch, target_tokens_in_window) -> (normalised loss, parts to log)."""
@@ -206,7 +206,7 @@ def _prepare(cfg, accelerator, model, num_examples, run, console, require_checkp
             console.print(f"resuming from {found[-1]} (step {state.step} of {steps})")
     elif require_checkpoint:
         raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start")
-    accelerator.init_trackers("train")
+    start_trackers(accelerator)
     model.train()
     return Session(
         accelerator, model, optimizer, scheduler, plan, steps, state, ckpt_dir,

@@ -51,15 +51,14 @@ def student_samples(
     examples = []
     for request in requests:
         generation = outputs[request.key]
-        example = build_example(tokenizer, request.messages, generation.text, max_len)
+        stopped = generation.finish_reason != "length"
+        example = build_example(
+            tokenizer, request.messages, generation.text, max_len, end_turn=stopped
+        )
+        if example is None and not stopped:  # nothing sampled and no stop: score the end-of-turn
+            example = build_example(tokenizer, request.messages, generation.text, max_len)
         if example is None:  # the prompt alone fills max_len; keep one target token to score
             raise ValueError("prompt longer than max_seq_len reached on-policy sampling")
-        if generation.finish_reason == "length" and example.labels[-1] == tokenizer.eos_token_id:
-            example = Example(
-                example.input_ids[:-1], example.labels[:-1], example.position_ids[:-1]
-            )
-            if example.target_tokens == 0:  # nothing sampled and no stop: score the one token
-                example = build_example(tokenizer, request.messages, generation.text, max_len)
         examples.append(example)
     return examples
 

@@ -38,6 +38,28 @@ def make_accelerator(cfg: TrainConfig, run: RunDir, log_with: list[str]):
     return accelerator
 
 
+def start_trackers(accelerator) -> None:
+    """Start the trackers of `run.log_with` (installed: `config.trackers` checked that). One that
+    is installed but cannot start (W&B with no API key and no offline mode, MLflow 3 refusing a
+    file store without MLFLOW_ALLOW_FILE_STORE) is a one-line error, not a traceback: the fix is
+    in the user's environment."""
+    from potstill.errors import ConfigError
+
+    try:
+        accelerator.init_trackers("train")
+    except Exception as exc:
+        lines = str(exc).strip().splitlines() or [""]
+        raise ConfigError(
+            f"run.log_with: starting the trackers ({', '.join(_names(accelerator))}) failed: "
+            f"{type(exc).__name__}: {lines[0]}; fix the tracker's settings or drop it from "
+            "run.log_with"
+        ) from exc
+
+
+def _names(accelerator) -> list[str]:
+    return [str(getattr(t, "value", t)) for t in accelerator.log_with or []]
+
+
 def teardown(accelerator, *, wait: bool) -> None:
     """End a (multi-process) run in order: wait for every process, release the wrapped model,
     destroy the process group.
