@@ -1,5 +1,5 @@
-"""`potstill.teacher.serve` with faults, for tests: the real server over a real backend, whose next chat
-requests misbehave in the order given, then are served normally. A fault is
+"""`potstill.teacher.serve` with faults, for tests: the real server over a real backend, whose
+next chat requests misbehave in the order given, then are served normally. A fault is
 `{"status": 429, "retry_after": 0.1}` (that error reply, with a Retry-After header if given),
 `{"delay": 2.0}` (wait, then serve normally: a client timeout), `{"close": True}` (drop the
 connection unanswered) or `{}` (serve normally). `server.stats` counts the chat requests seen
@@ -83,6 +83,7 @@ class FaultyServer(ChatServer):
 def start_faulty_server(
     backend: Backend, *, faults: list[dict] | None = None, **kwargs
 ) -> tuple[FaultyServer, str]:
-    """Like `potstill.teacher.serve.start_server` on 127.0.0.1, with `faults` for the next requests."""
+    """Like `potstill.teacher.serve.start_server` on 127.0.0.1, with `faults` for the next
+    requests."""
     server = FaultyServer(("127.0.0.1", 0), backend, faults=faults, **kwargs)
     return server, server.start()

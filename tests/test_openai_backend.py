@@ -1,5 +1,5 @@
-"""The openai backend against a real HTTP server (`potstill.teacher.serve`) over the tiny HF model; the
-faults it must survive are injected by the test-side subclass in `faulty_serve`."""
+"""The openai backend against a real HTTP server (`potstill.teacher.serve`) over the tiny HF
+model; the faults it must survive are injected by the test-side subclass in `faulty_serve`."""
 
 from __future__ import annotations
 
