@@ -1,7 +1,8 @@
 """A minimal OpenAI-compatible chat-completions server on http.server, for subprocess tests.
 
 Unlike `potstill.teacher.serve` it needs no model, and `mode` switches its behaviour between
-requests: "ok" answers, an int answers that HTTP status every time, "slow" sleeps past any small timeout.
+requests: "ok" answers, an int answers that HTTP status every time, "slow" sleeps past any small
+timeout.
 """
 
 from __future__ import annotations
