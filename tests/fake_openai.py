@@ -2,7 +2,7 @@
 
 Unlike `potstill.teacher.serve` it needs no model, and `mode` switches its behaviour between
 requests: "ok" answers, an int answers that HTTP status every time, "slow" sleeps past any small
-timeout.
+timeout. Setting `content` (a number, None, a list...) answers that as the message content.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ANSWER = object()
+"""`content` default: answer "Answer to: <question>"."""
 
 
 class FakeOpenAI(ThreadingHTTPServer):
@@ -25,6 +28,7 @@ class FakeOpenAI(ThreadingHTTPServer):
         self.requests = 0
         self.auth_headers: list[str | None] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+        self.content: object = ANSWER
 
     def handle_error(self, request, client_address) -> None:
         pass  # a client that gave up on a slow answer closes the socket: expected here
@@ -48,6 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(server.mode, reply, {"Retry-After": "0"} if server.mode == 429 else {})
             return
         question = body["messages"][-1]["content"]
+        content = f"Answer to: {question}" if server.content is ANSWER else server.content
         reply = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -55,7 +60,7 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"Answer to: {question}"},
+                    "message": {"role": "assistant", "content": content},
                     "finish_reason": "stop",
                 }
             ],

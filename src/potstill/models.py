@@ -150,8 +150,23 @@ def resolve_device(device: str) -> str:
         from potstill.distributed import auto_device
 
         return auto_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device '{device}' asked for, but no CUDA GPU is visible; use cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device '{device}': not a device; use cpu, cuda, cuda:N, mps or auto")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ModelError(f"device '{device}' asked for, but no CUDA GPU is visible; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ModelError(
+                f"device '{device}': only {count} CUDA GPU{'s' if count > 1 else ''} visible "
+                f"(cuda:0 to cuda:{count - 1}); pick one of them, or auto"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device '{device}' asked for, but MPS is not available here; use cpu")
     return device
 
 

@@ -92,6 +92,27 @@ def check_same_config(path: str | Path, config) -> None:
         )
 
 
+def read_manifest(path: Path) -> dict:
+    """A run's manifest, refused in one line when it is not what RunDir writes (a JSON object
+    whose attempts are a list and whose counts and timings are objects)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    shapes = {"attempts": list, "counts": dict, "timings": dict}
+    if isinstance(manifest, dict):
+        for key, kind in shapes.items():
+            manifest.setdefault(key, kind())
+    if not isinstance(manifest, dict) or any(
+        not isinstance(manifest[key], kind) for key, kind in shapes.items()
+    ):
+        raise ConfigError(
+            f"{path}: not a manifest potstill wrote (it must be a JSON object with attempts, "
+            "counts and timings); move it away to start its record afresh (outputs are kept)"
+        )
+    return manifest
+
+
 class RunDir:
     """A run directory: `config.yaml`, `manifest.json`, `logs/run.log`, and the stage's outputs.
 
@@ -111,13 +132,13 @@ class RunDir:
             self.logger = logging.getLogger("potstill.run.follower")
             self.logger.disabled = True
             return
+        if self.manifest_path.is_file():  # read first: a bad one is refused with nothing written
+            self.manifest = read_manifest(self.manifest_path)
+        else:
+            self.manifest = {"command": command, "created": _now(), "attempts": [], "counts": {}}
         config_path = self.path / "config.yaml"
         if not config_path.is_file():
             atomic_write_text(config_path, dump_yaml(config))
-        if self.manifest_path.is_file():
-            self.manifest = json.loads(self.manifest_path.read_text())
-        else:
-            self.manifest = {"command": command, "created": _now(), "attempts": [], "counts": {}}
         self.manifest["inputs"] = [describe_input(s) for s in inputs]
         self.manifest["versions"] = package_versions()
         self.manifest["attempts"].append(

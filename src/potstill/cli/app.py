@@ -15,7 +15,6 @@ import errno
 import os
 import signal
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +23,7 @@ import typer
 from rich.table import Table
 
 from potstill.cli.options import ConfigOpt, SetOpt, console
+from potstill.cli.quiet import quiet_libraries
 from potstill.cli.rlt import CUSTOM, rlt_app
 from potstill.cli.stages import load_stage_config, register_stages
 from potstill.cli.verbs import get_verb
@@ -209,10 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     signal.signal(signal.SIGTERM, _stop_cleanly)
     console.quiet = not is_main_process()  # under `accelerate launch`, one process reports
-    # Libraries' deprecation notices about their own internals are noise to a CLI user.
-    for module in ("transformers", "peft", "accelerate", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    if not os.environ.get("POTSTILL_DEBUG"):  # library notices would be lines beside an error
+        quiet_libraries()
     try:
         check_launch()
         result = command.main(args=argv, prog_name="potstill", standalone_mode=False)

@@ -124,6 +124,8 @@ class GenerationConfig(SamplingConfig):
             self.max_prompt_tokens is None or self.max_prompt_tokens > 0,
             f"max_prompt_tokens: must be > 0, got {self.max_prompt_tokens}",
         )
+        # An empty stop string matches before any text: every completion would come back empty.
+        check("" not in self.stop, "stop: an empty string ends every completion at once; drop it")
 
 
 @dataclass

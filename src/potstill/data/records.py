@@ -29,6 +29,7 @@ FIELDS: dict[str, FieldSpec] = {
     "answer": FieldSpec((str,), doc="the final answer a verifier checks"),
     "task": FieldSpec((str,), doc="verifier name, e.g. math, rg:gsm_symbolic, exact"),
     "metadata": FieldSpec((dict,), doc="task data a verifier may need (reasoning-gym entries)"),
+    "source_id": FieldSpec((str,), doc="the question a sample answers (stages group by it)"),
     "completion": FieldSpec((str,), doc="the teacher's trace"),
     "explanation": FieldSpec((str,), doc="an RLT teacher's explanation"),
     "teacher": FieldSpec((dict,), doc="provenance: model id, sampling args, seed"),
@@ -111,8 +112,9 @@ def validate_record(record, where: str) -> tuple[dict | None, list[str]]:
         return None, [f"{where}: a record must be a JSON object, got {type(record).__name__}"]
     problems = []
     out = dict(record)
-    if "id" in out and isinstance(out["id"], int) and not isinstance(out["id"], bool):
-        out["id"] = str(out["id"])
+    for name in ("id", "source_id"):
+        if name in out and isinstance(out[name], int) and not isinstance(out[name], bool):
+            out[name] = str(out[name])
     for name, spec in FIELDS.items():
         value = out.get(name)
         if value is None:
@@ -128,6 +130,12 @@ def validate_record(record, where: str) -> tuple[dict | None, list[str]]:
             )
         elif spec.required and isinstance(value, str) and not value.strip():
             problems.append(f"{where}: field '{name}' is empty")
+    prompt = out["teacher"].get("system_prompt") if isinstance(out.get("teacher"), dict) else None
+    if not isinstance(prompt, str | None):  # trainers compare it with data.system_prompt
+        problems.append(
+            f"{where}: field 'teacher.system_prompt' must be a string or null, got "
+            f"{_describe(prompt)}"
+        )
     problems.extend(
         f"{where}: {found}, which no UTF-8 file can store: fix the \\u escape or drop the record"
         for found in lone_surrogates(out)

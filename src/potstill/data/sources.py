@@ -13,7 +13,7 @@ import difflib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import yaml
 
@@ -21,14 +21,41 @@ from potstill.data.records import validate_record
 from potstill.errors import DataError
 
 MAX_PROBLEMS_KEPT = 100
+RG_REJECTS = (TypeError, ValueError, AssertionError, KeyError, IndexError, AttributeError)
+"""What a reasoning-gym generator raises on settings it cannot use."""
 
 
 def _split_query(spec: str) -> tuple[str, dict[str, object]]:
+    """(base, {key: value}) of `base?k=v&...`; each value is read as YAML (numbers, booleans)."""
     base, _, query = spec.partition("?")
     params = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        params[key] = yaml.safe_load(value) if value else value
+    for field in query.split("&") if query else ():
+        key, eq, value = field.partition("=")
+        if not key or not eq:
+            shown = f"'{field}' has no value" if key else f"'{field}' has no name"
+            hint = f"write {key}=VALUE" if key else "write NAME=VALUE, joined by &"
+            raise DataError(f"{spec}: query field {shown}; {hint}")
+        params[unquote_plus(key)] = _query_value(spec, unquote_plus(key), unquote_plus(value))
     return base, params
+
+
+def _query_value(spec: str, key: str, value: str) -> object:
+    if not value:
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise DataError(
+            f"{spec}: cannot read the value of '{key}' ({value!r}); give a number, true/false "
+            "or a plain word"
+        ) from None
+
+
+def _check_int(spec: str, params: dict, key: str, low: int | None = None) -> None:
+    value = params[key]
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        at_least = f" >= {low}" if low is not None else ""
+        raise DataError(f"{spec}: {key} must be an integer{at_least}, got {value!r}")
 
 
 def iter_source(spec: str | Path) -> Iterator[tuple[str, object]]:
@@ -118,18 +145,21 @@ def _iter_reasoning_gym(spec: str) -> Iterator[tuple[str, object]]:
     import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
-    name, params = _split_query(spec.removeprefix("rg:"))
+    name, params = _split_query(spec)
+    name = name.removeprefix("rg:")
     if name not in DATASETS:
         close = difflib.get_close_matches(name, DATASETS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise DataError(f"{spec}: unknown reasoning-gym task '{name}'; {hint}see reasoning_gym")
     params.setdefault("seed", 0)
     params.setdefault("size", 100)
+    _check_int(spec, params, "size", 0)
+    _check_int(spec, params, "seed")
     try:
         dataset = reasoning_gym.create_dataset(name, **params)
-    except (TypeError, ValueError, AssertionError) as exc:
+    except RG_REJECTS as exc:
         raise DataError(f"{spec}: reasoning-gym rejected the settings ({exc})") from None
-    for i, entry in enumerate(dataset):
+    for i, entry in enumerate(_entries(spec, dataset)):
         # JSON round trip: tuples become lists, so the record survives any shard format.
         metadata = json.loads(json.dumps(entry.get("metadata", {}), default=str))
         record = {
@@ -142,6 +172,19 @@ def _iter_reasoning_gym(spec: str) -> Iterator[tuple[str, object]]:
         if metadata.get("answer_cot"):
             record["solution"] = metadata["answer_cot"]
         yield f"{spec}#{i}", record
+
+
+def _entries(spec: str, dataset) -> Iterator[dict]:
+    """The dataset's entries: a generator may take a bad setting and fail only as it makes one."""
+    entries = iter(dataset)
+    while True:
+        try:
+            entry = next(entries)
+        except StopIteration:
+            return
+        except RG_REJECTS as exc:
+            raise DataError(f"{spec}: reasoning-gym rejected the settings ({exc})") from None
+        yield entry
 
 
 def read_records(spec: str | Path, *, limit: int | None = None) -> list[dict]:

@@ -16,7 +16,21 @@ from potstill.eval.cost import (
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+    """A folder name for a label or task name: runs of other characters become one '-', and
+    leading/trailing '-' and '.' go, so no name is '.', '..' or hidden (none leaves the run)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def folder_clash(names: list[str]) -> tuple[str, str, str] | None:
+    """The first two distinct names that would share one folder, and that folder: the same slug,
+    or slugs that differ in case only (one folder on a case-insensitive disk). Sharing a folder,
+    the second would read the first one's answers as its own."""
+    first_of: dict[str, str] = {}
+    for name in names:
+        first = first_of.setdefault(slug(name).casefold(), name)
+        if first != name:
+            return first, name, slug(first)
+    return None
 
 
 def answers_dir(run_path: Path, label: str, task: str) -> Path:

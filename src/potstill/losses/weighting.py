@@ -50,6 +50,9 @@ class Fixed:
 
 @dataclass
 class Schedule:
+    """α = start at step 0, end at step `total_steps` (and after), linear or cosine between. A
+    run of N steps numbered 0 .. N − 1 reaches `end` on its last one with total_steps = N − 1."""
+
     start: float = 0.0
     end: float = 1.0
     total_steps: int = 1000
@@ -69,7 +72,8 @@ class Schedule:
         progress = min(max(step / self.total_steps, 0.0), 1.0)
         if self.shape == "cosine":
             progress = 0.5 * (1.0 - math.cos(math.pi * progress))
-        self.last_alpha = self.start + (self.end - self.start) * progress
+        # Weighted this way (not start + (end - start) * progress) both ends are exact.
+        self.last_alpha = (1.0 - progress) * self.start + progress * self.end
         return self.last_alpha
 
 

@@ -33,7 +33,13 @@ from potstill.eval.cost import (
     release_memory,
     weight_bytes,
 )
-from potstill.eval.results import answers_dir, collect_results, print_results, slug
+from potstill.eval.results import (
+    answers_dir,
+    collect_results,
+    folder_clash,
+    print_results,
+    slug,
+)
 from potstill.eval.tasks import load_tasks
 from potstill.fsutil import atomic_write_text
 from potstill.models import resolve_model_path
@@ -73,9 +79,9 @@ class EvalConfig:
     def __post_init__(self):
         check(bool(self.models), "models: empty; list at least one model to evaluate")
         check(bool(self.tasks), "tasks: empty; list at least one task (a record source)")
-        for key, items in (
-            ("models", [m.label for m in self.models]),
-            ("tasks", [t.name for t in self.tasks]),
+        for key, what, items in (
+            ("models", "labels", [m.label for m in self.models]),
+            ("tasks", "names", [t.name for t in self.tasks]),
         ):
             dupes = sorted({x for x in items if items.count(x) > 1})
             check(
@@ -83,6 +89,12 @@ class EvalConfig:
                 f"{key}: names must be unique, '{dupes[0] if dupes else ''}' repeats; "
                 "give each a distinct label/name",
             )
+            if clash := folder_clash(items):  # answers/<label>/<task> are named by slug
+                raise ConfigError(
+                    f"{key}: {what} {clash[0]!r} and {clash[1]!r} share the answers folder "
+                    f"{clash[2]!r}; give {what} that stay distinct as folder names (letters, "
+                    "digits, '.', '_', '-'; case ignored)"
+                )
         check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {self.ks}")
         bad = [k for k in self.ks if k > self.generation.num_samples]
         check(

@@ -72,6 +72,17 @@ def check_settings(gen: GenerationConfig, console: Console) -> None:
         )
 
 
+def check_context(backend: Backend, gen: GenerationConfig) -> None:
+    """Refuse a max_new_tokens that leaves no room for a prompt in the model's context: every
+    record would be skipped as too long, and the run would end "done" with 0 samples."""
+    context = backend.context_length
+    if context is not None and gen.max_new_tokens >= context:
+        raise ConfigError(
+            f"generation.max_new_tokens: {gen.max_new_tokens} leaves no room for a prompt in "
+            f"the model's context of {context} tokens; set it well below {context}"
+        )
+
+
 def run_generate(
     cfg: GenerateConfig,
     console: Console | None = None,
@@ -104,6 +115,7 @@ def run_generate(
     pairs = build_requests(records, gen, system_prompt)
     if pairs:  # an empty shard loads no model
         backend = backend or make_backend(cfg.model, cfg.backend, batch_size=gen.batch_size)
+        check_context(backend, gen)
         pairs, skipped = split_too_long(backend, pairs, prompt_limit(backend, gen))
         provenance = provenance_of(backend, cfg.model.name, gen)
     else:

@@ -212,13 +212,18 @@ class OpenAIBackend(Backend):
         try:
             body = response.json()
             choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
+            text = choice["message"].get("content")
             usage = body.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise EndpointError(
                 f"{url} answered 200 but not with a chat completion "
                 f"({_one_line(response.text)[:200]!r}); is base_url an OpenAI-compatible /v1?"
             ) from None
+        if not isinstance(text, str):  # null (a tool call, a refusal), a number, a list of parts
+            raise EndpointError(
+                f"{url} answered a message content that is not text ({type(text).__name__} "
+                f"{_one_line(repr(text))[:60]}); is base_url an OpenAI-compatible chat endpoint?"
+            )
         return Generation(
             text=text,
             # 0 when a server reports no usage: counts are bookkeeping, not worth failing over

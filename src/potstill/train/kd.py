@@ -84,7 +84,9 @@ class DistillHooks(StepHooks):
 
     def before_step(self, step: int, steps: int) -> None:
         if isinstance(self.strategy, Schedule):
-            self.strategy.total_steps = steps
+            # `step` counts finished steps: 0 for the first, steps - 1 for the last, which must
+            # reach `end` (a one-step run takes `start`).
+            self.strategy.total_steps = max(steps - 1, 1)
             self.kd_ratio = self.strategy(step=step)
         elif isinstance(self.strategy, Balance):
             self.kd_ratio = self.strategy()
