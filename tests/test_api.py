@@ -64,3 +64,16 @@ def test_the_documented_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     assert namespace["result"]["step"] == 2
     assert (tmp_path / "runs" / "api-demo" / "sft" / "final" / "adapter_config.json").is_file()
     assert namespace["student_logits"].shape == (3, 11)
+
+
+def test_stage_functions_survive_importing_every_module():
+    """A stage function named like a subpackage would be replaced by the package on import."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(ps.__path__, "potstill."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    from potstill.api import STAGES
+
+    assert [n for n in STAGES if not callable(getattr(ps, n))] == []

@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _STAGES = (
-    "quickstart", "generate", "curate", "sft", "distill", "teacher_cache", "evaluate",
+    "quickstart", "generate", "curate_samples", "sft", "distill", "teacher_cache", "evaluate",
     "compare", "rlt_score", "rlt_warmup", "rlt_train", "rlt_explain",
 )  # fmt: skip
 _FUNCTIONS = {
@@ -35,7 +35,8 @@ _FUNCTIONS = {
     "ModelError": "potstill.errors",
 }
 _MODULES = ("losses", "data", "models", "config", "errors", "teacher", "train", "rlt")
-# `eval` the stage is `ps.evaluate`: `ps.eval` is the potstill.eval package once it is imported.
+# `eval` and `curate` the stages are `ps.evaluate` and `ps.curate_samples`: `ps.eval` and
+# `ps.curate` are packages once one of their modules is imported.
 
 __all__ = [*_STAGES, *_FUNCTIONS, *_MODULES]
 

@@ -54,8 +54,9 @@ def _stage_function(verb: Verb):
     return run
 
 
-API_NAMES = {"eval": "evaluate"}
-"""Stage keys whose function has another name: `potstill.eval` is a package."""
+API_NAMES = {"eval": "evaluate", "curate": "curate_samples"}
+"""Stage keys whose function has another name: `potstill.eval` and `potstill.curate` are
+packages, and importing one of their modules sets that attribute of `potstill`."""
 STAGES = {API_NAMES.get(key, key): _stage_function(verb) for key, verb in VERBS.items()}
-"""`ps.<name>` for every stage: quickstart, generate, curate, sft, distill, teacher_cache,
-evaluate, rlt_score, rlt_warmup, rlt_train, rlt_explain."""
+"""`ps.<name>` for every stage: quickstart, generate, curate_samples, sft, distill,
+teacher_cache, evaluate, rlt_score, rlt_warmup, rlt_train, rlt_explain."""
