@@ -38,6 +38,14 @@ class EvalModel:
         )
 
 
+def eval_model(model, label: str, role: str, name: str | None = None) -> EvalModel:
+    """An EvalModel for a stage's model section (`name` overrides the spec: a trained final/)."""
+    return EvalModel(
+        name=name or model.name, label=label, role=role, dtype=model.dtype, device=model.device,
+        trust_remote_code=model.trust_remote_code,
+    )  # fmt: skip
+
+
 @dataclass
 class EvalTask:
     source: str = "rg:basic_arithmetic?size=40&seed=1001&max_terms=3&max_digits=2"

@@ -41,7 +41,7 @@ from potstill.config.sections import (
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, PotstillError
 from potstill.eval.compare import Method, compare_table, write_tables
-from potstill.eval.config import CostConfig, EvalModel, EvalTask
+from potstill.eval.config import CostConfig, EvalTask, eval_model
 from potstill.eval.tasks import normal_question
 from potstill.runs import RunDir
 from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig, OnPolicyConfig
@@ -177,13 +177,6 @@ def _read_and_check(cfg: CompareConfig) -> tuple[list[dict], dict[str, list[dict
     return train, held
 
 
-def _eval_model(model: ModelConfig, label: str, role: str, name: str | None = None) -> EvalModel:
-    return EvalModel(
-        name=name or model.name, label=label, role=role, dtype=model.dtype, device=model.device,
-        trust_remote_code=model.trust_remote_code,
-    )  # fmt: skip
-
-
 def _teacher_traces(cfg: CompareConfig, path: Path, console) -> str:
     """The teacher answers the training questions (greedy, the eval's decoding); curation keeps
     the verified, untruncated, shortest answer per question. Returns kept.jsonl's path."""
@@ -192,7 +185,7 @@ def _teacher_traces(cfg: CompareConfig, path: Path, console) -> str:
     from potstill.stages.curate import CurateConfig, run_curate
     from potstill.stages.eval import EvalConfig, run_eval
 
-    teacher = _eval_model(cfg.teacher, "teacher", "teacher")
+    teacher = eval_model(cfg.teacher, "teacher", "teacher")
     eval_cfg = EvalConfig(
         models=[teacher], tasks=[EvalTask(source=str(path / "data" / "train.jsonl"), name="train")],
         generation=replace(cfg.decoding, temperature=0.0, num_samples=1), cost=cfg.cost,
@@ -301,12 +294,12 @@ def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) ->
     without; each variant one resumable eval run."""
     from potstill.stages.eval import EvalConfig, run_eval
 
-    models = [_eval_model(cfg.student, "student (before)", "student")]
+    models = [eval_model(cfg.student, "student (before)", "student")]
     if cfg.eval_teacher:
-        models.insert(0, _eval_model(cfg.teacher, "teacher", "teacher"))
+        models.insert(0, eval_model(cfg.teacher, "teacher", "teacher"))
     for m in methods:
         if m.failed is None:
-            models.append(_eval_model(cfg.student, m.name, "student", name=str(m.final)))
+            models.append(eval_model(cfg.student, m.name, "student", name=str(m.final)))
     tasks = [
         EvalTask(source=str(path / "data" / f"held-out-{s.name}.jsonl"), name=s.name)
         for s in cfg.held_out

@@ -32,7 +32,7 @@ from potstill.config.sections import (
 from potstill.curate.pipeline import DedupConfig, FormatConfig, SelectConfig
 from potstill.data import read_records, write_records
 from potstill.errors import DataError
-from potstill.eval.config import CostConfig, EvalModel, EvalTask
+from potstill.eval.config import CostConfig, EvalTask, eval_model
 from potstill.eval.results import answers_dir
 from potstill.eval.tasks import normal_question
 from potstill.runs import RunDir
@@ -164,17 +164,10 @@ def _eval_config(cfg, out: Path, questions: str, exclude: str | None, models) ->
     )
 
 
-def _eval_model(model: ModelConfig, label: str, role: str, name: str | None = None) -> EvalModel:
-    return EvalModel(
-        name=name or model.name, label=label, role=role, dtype=model.dtype, device=model.device,
-        trust_remote_code=model.trust_remote_code,
-    )  # fmt: skip
-
-
 def eval_before(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
-    models = [_eval_model(cfg.student, "student (before)", "student")]
+    models = [eval_model(cfg.student, "student (before)", "student")]
     if cfg.eval_teacher:
-        models.insert(0, _eval_model(cfg.teacher, "teacher", "teacher"))
+        models.insert(0, eval_model(cfg.teacher, "teacher", "teacher"))
     run_eval(_eval_config(cfg, path / "eval-before", eval_path, train_path, models), console)
 
 
@@ -182,7 +175,7 @@ def generate(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
     """The teacher answers the training questions with the eval's decoding: its answers are the
     traces to curate, and, verified, its accuracy and cost (it never trains on these questions,
     so they measure it as well as held-out ones would, at no extra generation)."""
-    teacher = _eval_model(cfg.teacher, "teacher", "teacher")
+    teacher = eval_model(cfg.teacher, "teacher", "teacher")
     gen = replace(
         cfg.decoding,
         num_samples=cfg.teacher_samples,
@@ -231,7 +224,7 @@ def sft(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
 
 def eval_after(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
     final = str(path / "sft" / "final")
-    models = [_eval_model(cfg.student, "student (after)", "student", name=final)]
+    models = [eval_model(cfg.student, "student (after)", "student", name=final)]
     kept = str(path / "curate" / "kept.jsonl")
     run_eval(_eval_config(cfg, path / "eval-after", eval_path, kept, models), console)
 
