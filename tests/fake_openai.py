@@ -2,7 +2,9 @@
 
 Unlike `potstill.teacher.serve` it needs no model, and `mode` switches its behaviour between
 requests: "ok" answers, an int answers that HTTP status every time, "slow" sleeps past any small
-timeout. Setting `content` (a number, None, a list...) answers that as the message content.
+timeout, "hold" answers once `release` is set, "echo_auth" refuses with a 401 quoting the
+Authorization header and the path it got (as careless servers do). Setting `content` (a number,
+None, a list...) answers that as the message content.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class FakeOpenAI(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode: str | int = "ok"
         self.slow_seconds = 3.0
+        self.release = threading.Event()
         self.requests = 0
         self.auth_headers: list[str | None] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
@@ -47,6 +50,13 @@ class _Handler(BaseHTTPRequestHandler):
         server.auth_headers.append(self.headers.get("Authorization"))
         if server.mode == "slow":
             time.sleep(server.slow_seconds)
+        if server.mode == "hold":
+            server.release.wait(60)
+        if server.mode == "echo_auth":
+            auth = self.headers.get("Authorization")
+            reply = {"error": {"message": f"bad key in Authorization: {auth} for {self.path}"}}
+            self._send(401, reply)
+            return
         if isinstance(server.mode, int):
             reply = {"error": {"message": f"fake status {server.mode}", "type": "fake"}}
             self._send(server.mode, reply, {"Retry-After": "0"} if server.mode == 429 else {})

@@ -157,14 +157,17 @@ def questions(n: int, size: int = 20) -> list[dict]:
 
 
 def generate_openai(d: Path, a: dict, *, question_size: int = 20, **endpoint) -> list[str]:
-    """An openai-backend generate run that already finished 2 records (the earlier results); its
-    input then grows to 4, so the CLI run has work left when it fails."""
-    overrides = openai_sets(d, a, **endpoint)
+    """An openai-backend generate run whose output holds 2 of its 4 records (the earlier
+    results): a completed run, two records a shard, with its later shards removed, so the CLI run
+    on the same input has work left when it fails. (Growing the input instead would be refused:
+    a changed input is never resumed.)"""
+    overrides = [*openai_sets(d, a, **endpoint), "generation.batch_size=2"]
     shutil.rmtree(d / "run")
     a["server"].mode = "ok"
-    write_records(d / "questions.jsonl", questions(2, question_size))
-    run_generate(load_config(GenerateConfig, overrides=overrides))
     write_records(d / "questions.jsonl", questions(4, question_size))
+    run_generate(load_config(GenerateConfig, overrides=overrides))
+    for later in sorted((d / "run" / "samples").glob("part-*.jsonl"))[1:]:
+        later.unlink()
     return ["generate", *sets(*overrides)]
 
 

@@ -4,6 +4,7 @@ never on disk, kit files checked by sha256."""
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 import potstill
 from potstill.cli.verbs import stage_configs
 from potstill.config import load_config
+from potstill.data import read_shards
 from potstill.errors import ConfigError, ModelError
 from potstill.stages.generate import GenerateConfig, run_generate
 
@@ -261,3 +263,55 @@ def test_tampered_kit_file_is_rejected(tmp_path):
     assert left == []
     assert not (home / "models" / model.name).exists()
     assert os.listdir(home / "tmp") == []
+
+
+URL_SECRET = "sk-url-9c2e4b7a1d3f5e60aa7b"
+QUERY_SECRET = "qsecret-5d1c9e7b3a2f"
+
+
+def test_keys_in_urls_and_echoed_errors_are_never_stored_or_printed(tmp_path):
+    """The key in the base URL (user-info and `?api_key=`) and in the variable api_key_env names,
+    and a server whose 401 echoes the Authorization header and the URL it got: no file of either
+    run (config, manifest, samples' provenance, run.log) and no output holds any of them."""
+    (tmp_path / "q.jsonl").write_text(
+        "".join(json.dumps({"id": f"q{i}", "question": f"{i} + {i}?"}) + "\n" for i in range(2))
+    )
+    env = {"POTSTILL_TEST_KEY": SECRET, "POTSTILL_HOME": str(tmp_path / "home")}
+    with fake_openai() as server:
+        host = server.url.removeprefix("http://")
+        args = [
+            "generate",
+            *("--set", "model.name=fake", "--set", f"data.source={tmp_path / 'q.jsonl'}"),
+            *("--set", "backend.kind=openai"),
+            *("--set", "backend.openai.api_key_env=POTSTILL_TEST_KEY"),
+            *("--set", "backend.openai.max_retries=0", "--set", "generation.system_prompt=null"),
+        ]  # fmt: skip
+        keyed = f"http://user:{URL_SECRET}@{host}?api_key={QUERY_SECRET}"
+        ok_args = [*args, "--set", f"backend.openai.base_url={keyed}"]
+        ok = run_cli(*ok_args, "--set", f"run.output_dir={tmp_path / 'ok'}", env=env)
+        assert ok.returncode == 0, ok.stderr
+        # The config is stored masked, and compared masked: the rerun resumes, not refused.
+        again = run_cli(*ok_args, "--set", f"run.output_dir={tmp_path / 'ok'}", env=env)
+        assert again.returncode == 0, again.stderr
+        server.mode = "echo_auth"
+        failed = run_cli(
+            *args, "--set", f"backend.openai.base_url={server.url}?key={QUERY_SECRET}",
+            "--set", f"run.output_dir={tmp_path / 'failed'}", env=env,
+        )  # fmt: skip
+    # The server did get the key, and the query was sent (then masked in the echo).
+    assert f"Bearer {SECRET}" in server.auth_headers
+    error = assert_one_line_error(failed, "HTTP 401", "Authorization: ***")
+    assert "/v1/chat/completions?key=***" in error
+    masked = f"http://***@{host}?api_key=***"
+    samples = list(read_shards(tmp_path / "ok" / "samples"))
+    assert len(samples) == 2 and {s["teacher"]["base_url"] for s in samples} == {masked}
+    assert masked in (tmp_path / "ok" / "config.yaml").read_text()
+    manifest = json.loads((tmp_path / "ok" / "manifest.json").read_text())
+    assert any(masked in arg for arg in manifest["attempts"][0]["argv"])
+    log = (tmp_path / "failed" / "logs" / "run.log").read_text()
+    assert "HTTP 401" in log and "Authorization: ***" in log
+    basic = base64.b64encode(f"user:{URL_SECRET}".encode()).decode()  # httpx's Basic auth
+    for secret in (SECRET, URL_SECRET, QUERY_SECRET, basic):
+        assert _files_holding(tmp_path, secret) == [], secret
+        for proc in (ok, again, failed):
+            assert secret not in proc.stdout + proc.stderr, secret

@@ -12,9 +12,11 @@ Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 fo
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +30,7 @@ from potstill.cli.rlt import CUSTOM, rlt_app
 from potstill.cli.stages import load_stage_config, register_stages
 from potstill.cli.verbs import get_verb
 from potstill.errors import PotstillError
+from potstill.redact import redact
 
 try:  # newer typer carries its own copy of click; its commands raise that copy's exceptions
     from typer._click.exceptions import ClickException
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     signal.signal(signal.SIGTERM, _stop_cleanly)
+    sys.excepthook = _redacted_traceback  # the last line of defence, for a bug's traceback too
     console.quiet = not is_main_process()  # under `accelerate launch`, one process reports
     if not os.environ.get("POTSTILL_DEBUG"):  # library notices would be lines beside an error
         quiet_libraries()
@@ -220,17 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     except PotstillError as exc:
         if os.environ.get("POTSTILL_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except ClickException as exc:
-        exc.show()
+        shown = io.StringIO()  # an option's value in the message may be a URL with a key
+        exc.show(file=shown)
+        print(redact(shown.getvalue()), end="", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in DISK_FULL or os.environ.get("POTSTILL_DEBUG"):
             raise
-        where = exc.filename or "the output"
+        where = redact(str(exc.filename or "the output"))
         print(
             f"error: cannot write {where}: {exc.strerror}; free disk space (or raise the "
             "file-size limit) and rerun: finished work is kept and the run resumes",
@@ -240,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print(INTERRUPTED_LINE, file=sys.stderr)
         return INTERRUPTED
+
+
+def _redacted_traceback(exc_type, exc, tb) -> None:
+    """Print an uncaught exception's traceback as Python would, credentials masked."""
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
 def run() -> None:

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from potstill.errors import ConfigError
+from potstill.redact import redact_data
 
 T = TypeVar("T")
 
@@ -143,7 +144,9 @@ def to_dict(cfg) -> dict:
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The config as YAML, credentials masked (`potstill.redact`): what `config show` prints
+    and a run directory keeps must never hold a key given in a URL."""
+    return yaml.safe_dump(redact_data(to_dict(cfg)), sort_keys=False, allow_unicode=True)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

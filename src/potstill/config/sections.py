@@ -6,12 +6,14 @@ Each field's help is the docstring under it; ranges are checked in `__post_init_
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
 from potstill.config.trackers import check_trackers
+from potstill.redact import add_secret
 
 
 @dataclass
@@ -148,6 +150,9 @@ class OpenAIEndpointConfig:
     """Base seconds of the exponential backoff between retries (a Retry-After header wins)."""
 
     def __post_init__(self):
+        # The key is known from here on, so no message or file can show it.
+        if isinstance(self.api_key_env, str):
+            add_secret(os.environ.get(self.api_key_env))
         urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
         check(bool(urls), "base_url: empty list; give at least one endpoint URL")
         bad = next((u for u in urls if not u.startswith(("http://", "https://"))), None)
@@ -277,6 +282,13 @@ class RunConfig:
 
     def __post_init__(self):
         check_trackers(self.log_with)  # refused here, before any model loads
+        # Caught here as well as in RunDir: a shard's run directory is `{output_dir}/shards/..`,
+        # which with an empty output_dir is a relative path RunDir would take.
+        check(
+            bool(str(self.output_dir).strip()),
+            "output_dir: empty, which would write into the current directory; name a "
+            "directory for the run, e.g. runs/my-run",
+        )
 
 
 @dataclass

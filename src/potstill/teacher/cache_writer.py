@@ -5,7 +5,6 @@ See `potstill.teacher.cache` for the layout and the reader, `cache_format` for t
 
 from __future__ import annotations
 
-import fcntl
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from potstill.data.shard_buffer import BufferedShards
 from potstill.errors import ConfigError
-from potstill.fsutil import atomic_write_bytes, atomic_write_text
+from potstill.fsutil import LockHeld, atomic_write_bytes, atomic_write_text, try_lock, unlock
 from potstill.teacher.cache_format import (
     FORMAT,
     META,
@@ -53,14 +52,15 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
     ):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / ".writer.lock", "a")  # noqa: SIM115 - held until close()
+        # Its own lock file, not the run directory's (`runs.RunDir`): the stage writes a cache
+        # into the run directory it holds, and two locks of one file in one process exclude
+        # each other. Both are taken without waiting, so they cannot deadlock.
         try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+            self._lock = try_lock(self.path / ".writer.lock")  # held until close()
+        except LockHeld as held:
             raise ConfigError(
-                f"{self.path}: another process is writing this cache; wait for it or use "
-                "another run.output_dir"
+                f"{self.path}: another process is writing this cache (pid {held.pid}); wait for "
+                "it or use another run.output_dir"
             ) from None
         try:
             self._open(meta)
@@ -83,9 +83,7 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
         return (entry[0] for shard in paths for entry in read_shard_header(shard).index)
 
     def _unlock(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-            self._lock.close()
+        unlock(self._lock)
 
     _release = _unlock  # close() unlocks after the last flush, even when that flush fails
 

@@ -14,7 +14,10 @@ add_generation_prompt: false`, which vLLM and `potstill serve` honour. A plain O
 would ignore them and answer a fresh assistant turn, so use pre-filling with those servers only.
 
 The API key is read from the environment variable named by `api_key_env`; it is sent in the
-Authorization header and never appears in `describe()`, `repr` or error messages.
+Authorization header and never appears in `describe()`, `repr` or error messages. Neither does a
+key given in the URL (`http://user:key@host/v1`, `?api_key=...`) or one a server's error echoes:
+everything this backend describes or raises passes through `potstill.redact`. A base URL's query
+(`/v1?api-version=...`) is kept after the `/chat/completions` it gains.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from potstill.errors import ConfigError, PotstillError
+from potstill.redact import add_secret, redact, redact_data
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 MAX_WAIT = 600.0
@@ -41,6 +46,9 @@ _DONE = object()
 
 class EndpointError(PotstillError):
     """The endpoint rejected a request or kept failing after every retry."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))  # it names the URL, and may quote the server
 
 
 class OpenAIBackend(Backend):
@@ -62,7 +70,9 @@ class OpenAIBackend(Backend):
             raise ConfigError("base_url: empty list; give at least one endpoint URL")
         for url in urls:
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-                raise ConfigError(f"base_url: must start with http:// or https://, got {url!r}")
+                raise ConfigError(
+                    f"base_url: must start with http:// or https://, got {redact(str(url))!r}"
+                )
         if concurrency < 1 or timeout <= 0 or max_retries < 0 or backoff < 0:
             raise ConfigError(
                 f"openai backend: need concurrency >= 1, timeout > 0, max_retries >= 0, "
@@ -75,7 +85,7 @@ class OpenAIBackend(Backend):
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self.urls = [f"{url}/chat/completions" for url in self.base_urls]
+        self.urls = [_chat_url(url) for url in self.base_urls]
         self.url = self.urls[0]
         self._headers = {"User-Agent": "potstill"}
         if api_key_env is not None:
@@ -85,14 +95,15 @@ class OpenAIBackend(Backend):
                     f"the openai backend reads its API key from ${api_key_env}, which is not set: "
                     f"export {api_key_env}=..., or set api_key_env: null for a server without auth"
                 )
+            add_secret(key)
             self._headers["Authorization"] = f"Bearer {key}"
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r})"
+        return f"OpenAIBackend(base_url={redact(self.base_url)!r}, model={self.model!r})"
 
     def describe(self) -> dict:
         urls = self.base_url if len(self.base_urls) == 1 else self.base_urls
-        return {"backend": self.name, "base_url": urls, "model": self.model}
+        return redact_data({"backend": self.name, "base_url": urls, "model": self.model})
 
     def endpoint_of(self, request: Request) -> int:
         """The endpoint a request goes to: a hash of its record id (the key up to '#')."""
@@ -242,6 +253,12 @@ def _run_loop(loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+def _chat_url(base_url: str) -> str:
+    """`{base_url}/chat/completions`, the path appended before any query the base URL has."""
+    parts = urlsplit(base_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions"))
 
 
 def _one_line(text: str) -> str:

@@ -19,6 +19,7 @@ from rich.progress import (
 from potstill.config.sections import GenerationConfig
 from potstill.data import ShardWriter
 from potstill.data.seeds import sample_seed
+from potstill.redact import redact_data
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 
@@ -63,16 +64,19 @@ def sample_record(record: dict, request: Request, out: Generation, provenance: d
 
 
 def provenance_of(backend: Backend, model_name: str, gen: GenerationConfig) -> dict:
-    """What made a sample, stored with it (each sample adds its own seed and index)."""
-    return {
-        **backend.describe(),
-        "model": model_name,
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "max_new_tokens": gen.max_new_tokens,
-        "stop": list(gen.stop),
-        "system_prompt": gen.system_prompt,
-    }
+    """What made a sample, stored with it (each sample adds its own seed and index); no
+    credential, whatever the backend's description held."""
+    return redact_data(
+        {
+            **backend.describe(),
+            "model": model_name,
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "max_new_tokens": gen.max_new_tokens,
+            "stop": list(gen.stop),
+            "system_prompt": gen.system_prompt,
+        }
+    )
 
 
 def split_too_long(
