@@ -168,10 +168,8 @@ def check_same_inputs(path: str | Path, config, described: list[dict]) -> None:
     manifest = path / "manifest.json"
     if not manifest.is_file() or not has_work(path):
         return
-    before = {
-        entry.get("spec"): entry.get("sha256")
-        for entry in json.loads(manifest.read_text()).get("inputs", [])
-    }
+    inputs = read_manifest(manifest).get("inputs", [])  # a malformed manifest: one line
+    before = {entry.get("spec"): entry.get("sha256") for entry in inputs if isinstance(entry, dict)}
     for now in described:
         old = before.get(redact(now["spec"]))  # the manifest holds the specs redacted
         if old and now.get("sha256") and now["sha256"] != old:
