@@ -71,6 +71,8 @@ def end_of_turn(tokenizer) -> str:
     stops on it, `HFBackend.eos_ids`), so nothing after it is ever sampled, and a student trained
     on it would spend loss on a token it never emits. Without a chat template, or when the
     template marks the end of a turn with no special token, the eos token (as before)."""
+    if tokenizer is None:  # an engine that keeps its tokenizer to itself: nothing to add
+        return ""
     template = getattr(tokenizer, "chat_template", None)
     eos = tokenizer.eos_token or ""
     key = (template, eos)
@@ -121,5 +123,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 def stop_token_id(tokenizer) -> int | None:
     """The token generation stops on after a turn: the last of `end_of_turn_ids` (the special
     token itself), or the eos token when the end-of-turn holds none."""
+    if tokenizer is None:
+        return None
     ids = end_of_turn_ids(tokenizer)
     return ids[-1] if ids else tokenizer.eos_token_id
