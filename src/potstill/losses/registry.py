@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+import potstill.losses.divergences as d
+import potstill.losses.fused as f
 from potstill.errors import ConfigError
-from potstill.losses import divergences as d
-from potstill.losses import fused as f
 
 Tensor = torch.Tensor
 

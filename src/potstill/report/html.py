@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from html import escape
 
-from potstill.report import plots
+import potstill.report.plots as plots
 from potstill.report.collect import Collection, Run
 from potstill.report.pareto import pareto
 from potstill.report.style import CSS
