@@ -208,10 +208,14 @@ def load_configured(cfg: ModelConfig):
     """(model, tokenizer) as a config section asks: spec, dtype, device, trust_remote_code.
     LoRA is not applied here: trainers apply it after seeding, so its initial weights repeat."""
     tokenizer = load_tokenizer(cfg.name, trust_remote_code=cfg.trust_remote_code)
-    model = load_model(
+    return load_section_model(cfg), tokenizer
+
+
+def load_section_model(cfg: ModelConfig):
+    """The model alone, as a config section asks (for a stage that has its tokenizer already)."""
+    return load_model(
         cfg.name, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
     )
-    return model, tokenizer
 
 
 def _check_safetensors(source: str) -> None:

@@ -77,7 +77,7 @@ def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int
 
 
 def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import check_same_vocab, load_configured, load_tokenizer
+    from potstill.models import check_same_vocab, load_section_model, load_tokenizer
 
     console = console or Console(stderr=True)
     check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
@@ -92,7 +92,7 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
         )
     items, counts = load_items(cfg, tokenizer)
     console.print(examples_line(counts))
-    student, _ = load_configured(cfg.student)
+    student = load_section_model(cfg.student)  # the tokenizer is loaded above
     vocab = student.get_output_embeddings().weight.shape[0]
     cache = None
     if not online:

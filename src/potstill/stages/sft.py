@@ -54,7 +54,7 @@ def load_examples(cfg: SFTConfig, tokenizer) -> tuple[list[Example], dict[str, i
 
 
 def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = False) -> dict:
-    from potstill.models import load_configured, load_tokenizer
+    from potstill.models import load_section_model, load_tokenizer
 
     console = console or Console(stderr=True)
     if resume:
@@ -66,7 +66,7 @@ def run_sft(cfg: SFTConfig, console: Console | None = None, *, resume: bool = Fa
     tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
     examples, counts = load_examples(cfg, tokenizer)
     console.print(examples_line(counts))
-    model, _ = load_configured(cfg.model)
+    model = load_section_model(cfg.model)  # the tokenizer is loaded above
     spec = Fit("sft", cfg, cfg.model, cfg.train, cfg.run, [cfg.data.source], counts)
     result, final = fit_examples(model, tokenizer, examples, spec, console=console, resume=resume)
     console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")
