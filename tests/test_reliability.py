@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import resource
-import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -182,32 +182,45 @@ def _trainee(size: int = 8, seed: int = 0):
     return model, optimizer, scheduler
 
 
-@pytest.fixture
-def file_size_limit():
-    """Set a soft RLIMIT_FSIZE (writes past it fail with EFBIG, as on a full disk) until the
-    test ends."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
+# The limit is set in a child process: in pytest's own process it would also cap the file its
+# output goes to (CI writes the log to a file, already past the limit: pytest died of EFBIG).
+_FULL_DISK_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+import torch
+from potstill.train.checkpoint import LoopState, save_checkpoint
+root, limit = Path(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Linear(40, 40)  # weights 6.7 kB, optimizer 13 kB, rng 6 kB
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+model(torch.ones(40)).sum().backward()
+optimizer.step()
+scheduler.step()
+save_checkpoint(root, LoopState(step=1), model, optimizer, scheduler)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), as ENOSPC would be
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(root, LoopState(step=2), model, optimizer, scheduler)
+except OSError as full:
+    print(json.dumps([full.strerror, full.filename]))
+"""
 
 
 @pytest.mark.parametrize(
     ("limit", "file"), [(4_000, "trainable.safetensors"), (10_000, "optimizer.pt")]
 )
 def test_a_checkpoint_write_on_a_full_disk_names_the_file_and_leaves_no_temp_dir(
-    tmp_path, file_size_limit, limit, file
+    tmp_path, limit, file
 ):
-    model, optimizer, scheduler = _trainee(size=40)  # weights 6.7 kB, optimizer 13 kB, rng 6 kB
-    save_checkpoint(tmp_path, LoopState(step=1), model, optimizer, scheduler)
-    file_size_limit(limit)
-    with pytest.raises(OSError) as full:
-        save_checkpoint(tmp_path, LoopState(step=2), model, optimizer, scheduler)
-    assert (full.value.strerror, full.value.filename) == (
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path), str(limit)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert json.loads(child.stdout) == [
         "File too large",
         str(tmp_path / ".tmp-step-000002" / file),
-    )
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]  # the last good one
 
 
