@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from potstill.config.sections import DataConfig, RunConfig
+from potstill.config.sections import DataConfig, RunConfig, check_given
 from potstill.curate.funnel import Funnel
 from potstill.curate.pipeline import (
     DedupConfig,
@@ -57,6 +57,9 @@ class CurateConfig:
     """Step 8 (off by default): restructure kept traces with a model, re-verified."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/curate"))
     """Run directory: kept.jsonl, dropped.jsonl, funnel.json, config, manifest."""
+
+    def __post_init__(self):
+        check_given(self.student_samples, "student_samples", "the student's samples, or null")
 
 
 def default_backend_factory(rewrite: RewriteConfig) -> Backend:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 
-from potstill.config import check
-from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig
+from potstill.config import check, shown
+from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig, check_given
 from potstill.data import ShardWriter, read_shards
 from potstill.data.sharding import Shard, shard_run_dir
 from potstill.data.verifiers import find_answer, verify
@@ -80,10 +80,12 @@ class EvalConfig:
             dupes = sorted({x for x in items if items.count(x) > 1})
             check(
                 not dupes,
-                f"{key}: names must be unique, '{dupes[0] if dupes else ''}' repeats; "
+                f"{key}: names must be unique, {shown(dupes[0]) if dupes else ''} repeats; "
                 "give each a distinct label/name",
             )
-        check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {self.ks}")
+        for source in self.exclude:
+            check_given(source, "exclude", "a record source per entry (or drop the entry)")
+        check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {shown(self.ks)}")
         bad = [k for k in self.ks if k > self.generation.num_samples]
         check(
             not bad,

@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from potstill.config import check
-from potstill.config.sections import MIN_TEMPERATURE, ModelConfig, SamplingConfig
+from potstill.config import check, shown
+from potstill.config.sections import MIN_TEMPERATURE, ModelConfig, SamplingConfig, check_given
 
 
 @dataclass
@@ -44,6 +44,7 @@ class DistillTeacherConfig:
     """Settings of on_policy mode."""
 
     def __post_init__(self):
+        check_given(self.cache, "cache", "the directory `potstill teacher cache` wrote, or null")
         check(
             self.mode != "offline" or bool(self.cache),
             "mode: offline needs teacher.cache (the directory `potstill teacher cache` wrote)",
@@ -120,8 +121,14 @@ class KDLossConfig:
         # The registry (imported here: it imports torch) names the divergence and checks its
         # parameters, so a config accepts exactly what the losses can compute.
         from potstill.errors import ConfigError
-        from potstill.losses.registry import check_divergence
+        from potstill.losses.registry import check_divergence, divergence_names
 
+        names = divergence_names()
+        check(  # the registry's own message quotes the name whole: 100k characters, a newline
+            self.divergence in names,
+            f"divergence: unknown divergence {shown(self.divergence)}; choose one of "
+            f"{', '.join(names)}",
+        )
         try:
             check_divergence(self.divergence, self.divergence_params())
         except ConfigError as exc:
