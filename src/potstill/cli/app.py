@@ -24,6 +24,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from potstill.cli.errors import internal_error
 from potstill.cli.options import ConfigOpt, SetOpt, console
 from potstill.cli.quiet import quiet_libraries
 from potstill.cli.rlt import CUSTOM, rlt_app
@@ -234,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print(redact(shown.getvalue()), end="", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if exc.errno not in DISK_FULL or os.environ.get("POTSTILL_DEBUG"):
+        if os.environ.get("POTSTILL_DEBUG"):
             raise
+        if exc.errno not in DISK_FULL:
+            return internal_error(exc)
         where = redact(str(exc.filename or "the output"))
         print(
             f"error: cannot write {where}: {exc.strerror}; free disk space (or raise the "
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print(INTERRUPTED_LINE, file=sys.stderr)
         return INTERRUPTED
+    except Exception as exc:  # not the user's input: a bug, in one line (after Abort, a subclass)
+        if os.environ.get("POTSTILL_DEBUG"):
+            raise
+        return internal_error(exc)
 
 
 def _redacted_traceback(exc_type, exc, tb) -> None:

@@ -27,13 +27,17 @@ MergeOpt = Annotated[
 
 def load_stage_config(key: str, path: Path | None, overrides: list[str] | None):
     """The stage's config from a YAML file and `--set` overrides, validated."""
-    from potstill.config import load_config
+    from potstill.config import load_config, read_yaml
 
-    return load_config(get_verb(key).config_class(), path, overrides or [])
+    verb = get_verb(key)
+    if path is not None:
+        read_yaml(path)  # a missing or broken file fails before the stage (and torch) is imported
+    return load_config(verb.config_class(), path, overrides or [])
 
 
 def run_verb(key: str, path: Path | None, overrides: list[str] | None, **options):
-    return get_verb(key).run_function()(load_stage_config(key, path, overrides), console, **options)
+    cfg = load_stage_config(key, path, overrides)  # first: a bad file fails before any import
+    return get_verb(key).run_function()(cfg, console, **options)
 
 
 def _command(verb: Verb):

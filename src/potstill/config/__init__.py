@@ -13,6 +13,7 @@ from potstill.config.loader import (
     read_yaml,
     to_dict,
 )
+from potstill.config.messages import shown
 
 __all__ = [
     "apply_overrides",
@@ -24,5 +25,6 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_yaml",
+    "shown",
     "to_dict",
 ]

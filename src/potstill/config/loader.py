@@ -11,7 +11,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
+import math
+import re
 import textwrap
 import types
 import typing
@@ -20,10 +23,17 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from potstill.config import yamlio
+from potstill.config.messages import described, key_name, one_line, shown
+from potstill.config.yamlio import read_yaml
 from potstill.errors import ConfigError
 from potstill.redact import redact_data
 
 T = TypeVar("T")
+INT_LIMIT = 2**63
+"""Integers must fit in 64 bits: torch, numpy and the tokenizers take nothing wider, and a
+wider seed or count would fail deep inside a run instead of here."""
+_INTEGER = re.compile(r"[-+]?[0-9][0-9_]*")
 
 
 def _type_name(tp) -> str:
@@ -59,14 +69,19 @@ def _convert(value: Any, tp, key: str):
                 # says what is wrong, "expected a mapping or null, got dict" would not.
                 if isinstance(value, dict) and dataclasses.is_dataclass(arg):
                     raise
+                # Likewise a value of the right type: limit: 2**70 is too large, not "not an
+                # integer or null".
+                if arg in (int, float, str) and _is(value, arg):
+                    raise
                 continue
         raise _type_error(value, tp, key)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        words = [str(a) for a in typing.get_args(tp)]
+        close = difflib.get_close_matches(value, words, n=1) if isinstance(value, str) else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+        raise ConfigError(f"{key}: {shown(value)} is not {_type_name(tp)}{hint}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(value, tp, key)
@@ -80,37 +95,81 @@ def _convert(value: Any, tp, key: str):
         if not isinstance(value, dict):
             raise _type_error(value, tp, key)
         _, item = typing.get_args(tp) or (str, Any)
-        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        out = {}
+        for k, v in value.items():
+            where = f"{key}.{key_name(k)}"
+            out[_text(k if isinstance(k, str) else shown(k), where)] = _convert(v, item, where)
+        return out
+    if tp is float and _is(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {shown(value)} is too large for a number") from None
     if tp is float and isinstance(value, str):
         try:  # YAML reads 1e-5 (no dot) as a string
             return float(value)
         except ValueError:
             pass
-    if tp in (int, float, str, bool) and isinstance(value, tp):
-        if tp is int and isinstance(value, bool):
-            raise _type_error(value, tp, key)
-        return value
+    if tp in (int, float, str, bool) and _is(value, tp):
+        if tp is int and not -INT_LIMIT <= value < INT_LIMIT:
+            raise _out_of_range(shown(value), key)
+        return _text(value, key) if tp is str else value
     raise _type_error(value, tp, key)
 
 
+def _is(value, tp) -> bool:
+    """isinstance, except that a bool is no number (True would train at lr 1.0)."""
+    return isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+
+
+def _text(value: str, key: str) -> str:
+    """`value`, unless no file can hold it: a NUL ends a path at the OS, and a lone surrogate
+    (an escape or an undecodable file name) fails writing the run's resolved config as UTF-8."""
+    if "\x00" in value:
+        raise ConfigError(f"{key}: {shown(value)} holds a NUL character (\\x00); remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{key}: {shown(value)} holds a lone surrogate ({shown(value[exc.start])[1:-1]} at "
+            f"character {exc.start}), which UTF-8 cannot store; fix the \\u escape or the name"
+        ) from None
+    return value
+
+
+def _out_of_range(value: str, key: str) -> ConfigError:
+    return ConfigError(f"{key}: {value} is out of range; integers must fit in 64 bits")
+
+
 def _type_error(value, tp, key: str) -> ConfigError:
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {described(value)}")
 
 
 def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
-    """Build `cls` from a plain dict; unknown keys, wrong types and bad values raise ConfigError."""
-    hints = typing.get_type_hints(cls)
+    """Build `cls` from a plain dict; unknown keys, wrong types and bad values raise ConfigError,
+    its message one printable line whatever a check quoted."""
+    try:
+        return _from_dict(cls, data, prefix)
+    except ConfigError as exc:
+        if prefix or str(exc) == one_line(str(exc)):
+            raise
+        raise ConfigError(one_line(str(exc))) from None
+
+
+def _from_dict(cls: type[T], data: dict, prefix: str) -> T:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {described(data)}")
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(key, names, n=1) if isinstance(key, str) else []
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(
-                f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(names)}"
+                f"{prefix}{key_name(key)}: unknown key; {hint}valid keys here: {', '.join(names)}"
             )
         default = _field_default(fields[key])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
@@ -119,9 +178,31 @@ def from_dict(cls: type[T], data: dict, *, prefix: str = "") -> T:
             value = _deep_merge(to_dict(default), value)
         kwargs[key] = _convert(value, hints[key], f"{prefix}{key}")
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
+    for key in kwargs:  # after the section's own checks, whose messages say more
+        _finite(getattr(cfg, key), f"{prefix}{key}")
+    return cfg
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    """The class's resolved annotations: evaluating them is most of a load's time."""
+    return typing.get_type_hints(cls)
+
+
+def _finite(value, key: str) -> None:
+    """Every number in a config is finite: `timeout: .inf` or a NaN weight would pass a range
+    check written as `x > 0` or slip past one never written."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _finite(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _finite(item, f"{key}.{key_name(name)}")
 
 
 def _field_default(f: dataclasses.Field):
@@ -153,12 +234,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-5` -> (["train", "lr"], 1e-5); values are parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-5")
+        raise ConfigError(f"--set {shown(text)}: expected KEY=VALUE, e.g. --set train.lr=1e-5")
+    key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yamlio.load(raw) if raw.strip() else ""
+    except yamlio.DuplicateKeyError as exc:
+        message = f"--set {key_name(key)}: duplicate key '{exc.key}' in the value"
+        raise ConfigError(message) from None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # ValueError: an integer too long for int() (over 4300 digits); RecursionError: nesting
+        # too deep for the pure-Python parser. Anything else unreadable stays the text it is.
+        if _INTEGER.fullmatch(raw.strip()):
+            raise _out_of_range(shown(raw.strip()), key_name(key)) from None
         value = raw
-    return key.strip().split("."), value
+    return key.split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -170,39 +259,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: '{'.'.join(path[: i + 1])}' is not a section")
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {key_name(text)}: '{key_name(where)}' is not a section")
             node = child
         node[path[-1]] = value
     return data
 
 
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable YAML ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, not a list")
-    return data
-
-
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Defaults <- YAML file <- `--set` overrides, validated into `cls`."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    try:
+        data = read_yaml(path) if path else {}
+        data = apply_overrides(data, list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(one_line(str(exc))) from None  # a file name may hold a newline
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise ConfigError(one_line(f"{path}: {exc}" if path else str(exc))) from None
 
 
 def field_help(cls) -> dict[str, str]:

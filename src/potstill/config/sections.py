@@ -11,9 +11,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from potstill.config import check
+from potstill.config import check, shown
 from potstill.config.trackers import check_trackers
 from potstill.redact import add_secret
+
+MAX_SEED = 2**32
+"""Seeds are in [0, 2**32): numpy's range, and the trainer seeds a torch generator with
+seed * 1000 + epoch, which a seed near 2**63 overflows mid-run."""
+SOURCE = "a .jsonl or .parquet file, a directory, or rg:TASK?size=N"
+
+
+def check_seed(seed: int) -> None:
+    check(0 <= seed < MAX_SEED, f"seed: must be in [0, 2**32), got {seed}")
+
+
+def check_given(value: str | None, name: str, what: str) -> None:
+    """`value` is null or holds something: an empty path would mean the current directory."""
+    check(value is None or bool(value.strip()), f"{name}: empty; give {what}")
 
 
 @dataclass
@@ -32,6 +46,7 @@ class LoraConfig:
 
     def __post_init__(self):
         check(self.r > 0, f"r: must be a positive integer, got {self.r}")
+        check(self.alpha > 0, f"alpha: must be a positive integer, got {self.alpha}")
         check(
             self.top_layers is None or self.top_layers > 0,
             f"top_layers: must be > 0, got {self.top_layers}",
@@ -64,6 +79,7 @@ class DataConfig:
     """Use only the first N records."""
 
     def __post_init__(self):
+        check_given(self.source, "source", SOURCE)
         check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
 
 
@@ -122,6 +138,7 @@ class GenerationConfig(SamplingConfig):
         super().__post_init__()
         check(self.num_samples > 0, f"num_samples: must be > 0, got {self.num_samples}")
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+        check_seed(self.seed)
         check(
             self.max_prompt_tokens is None or self.max_prompt_tokens > 0,
             f"max_prompt_tokens: must be > 0, got {self.max_prompt_tokens}",
@@ -156,7 +173,7 @@ class OpenAIEndpointConfig:
         urls = [self.base_url] if isinstance(self.base_url, str) else self.base_url
         check(bool(urls), "base_url: empty list; give at least one endpoint URL")
         bad = next((u for u in urls if not u.startswith(("http://", "https://"))), None)
-        check(bad is None, f"base_url: must start with http:// or https://, got {bad!r}")
+        check(bad is None, f"base_url: must start with http:// or https://, got {shown(bad)}")
         check(
             self.api_key_env is None or _looks_like_env_name(self.api_key_env),
             "api_key_env: must name an environment variable (letters, digits, _) that holds the "
@@ -194,6 +211,10 @@ class VLLMConfig:
         check(
             0 < self.gpu_memory_utilization <= 1,
             f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        check(
+            self.max_model_len is None or self.max_model_len > 0,
+            f"max_model_len: must be > 0, got {self.max_model_len}",
         )
 
 
@@ -269,6 +290,7 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, got {self.max_grad_norm}")
         check(self.max_seq_len > 0, f"max_seq_len: must be > 0, got {self.max_seq_len}")
         check(self.save_every > 0, f"save_every: must be > 0, got {self.save_every}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -305,4 +327,5 @@ class SFTDataConfig:
     """Bundled prompt name or text file; use the one the traces were generated with."""
 
     def __post_init__(self):
+        check_given(self.source, "source", SOURCE)
         check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")

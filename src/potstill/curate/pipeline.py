@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from potstill.config import check
-from potstill.config.sections import BackendConfig, ModelConfig, SamplingConfig
+from potstill.config import check, shown
+from potstill.config.sections import (
+    BackendConfig,
+    ModelConfig,
+    SamplingConfig,
+    check_given,
+    check_seed,
+)
 from potstill.curate.filters import (
     check_format,
     check_length,
@@ -61,14 +67,16 @@ class FormatConfig:
         for pair in self.tags:
             check(
                 len(pair) == 2 and all(tag.strip() for tag in pair),
-                f"tags: each entry must be an [open, close] pair of non-empty tags, got {pair}",
+                "tags: each entry must be an [open, close] pair of non-empty tags, got "
+                + shown(pair),
             )
         if self.require is not None:
             try:
                 re.compile(self.require)
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
+                # a{99999999999} overflows the repeat count; 1000 nested groups the parser
                 raise ConfigError(
-                    f"require: {self.require!r} is not a valid regex ({exc})"
+                    f"require: {shown(self.require)} is not a valid regex ({exc})"
                 ) from None
 
 
@@ -169,6 +177,8 @@ class RewriteConfig(SamplingConfig):
             "to a .txt file with the rewrite instructions",
         )
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+        check_given(self.prompt_file, "prompt_file", "a .txt file or a bundled prompt name")
+        check_seed(self.seed)
 
 
 Rewriter = Callable[[list[dict]], list[dict]]

@@ -92,12 +92,17 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, object]]:
             if not text.strip():
                 continue
             try:
-                yield where, json.loads(text)
+                record = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
                     "each line must be one JSON object"
                 ) from None
+            except (ValueError, RecursionError) as exc:  # an int over 4300 digits; deep nesting
+                deep = isinstance(exc, RecursionError)
+                what = "nested too deeply" if deep else "an integer too long to read"
+                raise DataError(f"{where}: unreadable JSON ({what}); fix the line") from None
+            yield where, record
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, object]]:

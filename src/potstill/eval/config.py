@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import ModelConfig
+from potstill.config.sections import SOURCE, ModelConfig, check_given
 from potstill.eval.tasks import _task_name
 
 
@@ -56,6 +56,7 @@ class EvalTask:
     """Use only the first N questions."""
 
     def __post_init__(self):
+        check_given(self.source, "source", SOURCE)
         check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
         self.name = self.name or _task_name(self.source)
 

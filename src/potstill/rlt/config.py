@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import SamplingConfig
+from potstill.config.sections import SOURCE, SamplingConfig, check_given, check_seed
 
 KIT_05B = "qwen2.5-coder-0.5b-instruct"
 
@@ -30,6 +30,7 @@ class RLTDataConfig:
     """Field holding a reference explanation (warm-up only)."""
 
     def __post_init__(self):
+        check_given(self.source, "source", SOURCE)
         check(self.limit is None or self.limit > 0, f"limit: must be > 0, got {self.limit}")
 
 
@@ -92,3 +93,4 @@ class ExplainSampling(SamplingConfig):
             self.num_explanations > 0, f"num_explanations: must be > 0, got {self.num_explanations}"
         )
         check(self.batch_size > 0, f"batch_size: must be > 0, got {self.batch_size}")
+        check_seed(self.seed)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from potstill.config.sections import DataConfig, RunConfig
+from potstill.config.sections import DataConfig, RunConfig, check_given
 from potstill.curate.funnel import Funnel
 from potstill.curate.pipeline import (
     DedupConfig,
@@ -62,6 +62,9 @@ class CurateConfig:
     when the records already carry rlt_reward (from `rlt score`)."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/curate"))
     """Run directory: kept.jsonl, dropped.jsonl, funnel.json, config, manifest."""
+
+    def __post_init__(self):
+        check_given(self.student_samples, "student_samples", "the student's samples, or null")
 
 
 def default_backend_factory(rewrite: RewriteConfig) -> Backend:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from rich.console import Console
 
-from potstill.config import check
-from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig
+from potstill.config import check, shown
+from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig, check_given
 from potstill.data import ShardWriter, read_shards
 from potstill.data.sharding import Shard, shard_run_dir
 from potstill.data.verifiers import find_answer, verify
@@ -86,16 +86,18 @@ class EvalConfig:
             dupes = sorted({x for x in items if items.count(x) > 1})
             check(
                 not dupes,
-                f"{key}: names must be unique, '{dupes[0] if dupes else ''}' repeats; "
+                f"{key}: names must be unique, {shown(dupes[0]) if dupes else ''} repeats; "
                 "give each a distinct label/name",
             )
             if clash := folder_clash(items):  # answers/<label>/<task> are named by slug
                 raise ConfigError(
-                    f"{key}: {what} {clash[0]!r} and {clash[1]!r} share the answers folder "
-                    f"{clash[2]!r}; give {what} that stay distinct as folder names (letters, "
+                    f"{key}: {what} {shown(clash[0])} and {shown(clash[1])} share the answers folder "
+                    f"{shown(clash[2])}; give {what} that stay distinct as folder names (letters, "
                     "digits, '.', '_', '-'; case ignored)"
                 )
-        check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {self.ks}")
+        for source in self.exclude:
+            check_given(source, "exclude", "a record source per entry (or drop the entry)")
+        check(all(k >= 1 for k in self.ks), f"ks: every k must be >= 1, got {shown(self.ks)}")
         bad = [k for k in self.ks if k > self.generation.num_samples]
         check(
             not bad,

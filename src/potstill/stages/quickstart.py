@@ -21,6 +21,8 @@ from rich.table import Table
 
 from potstill.config import check
 from potstill.config.sections import (
+    MIN_TEMPERATURE,
+    SOURCE,
     DataConfig,
     GenerationConfig,
     LoraConfig,
@@ -28,6 +30,7 @@ from potstill.config.sections import (
     RunConfig,
     SFTDataConfig,
     TrainConfig,
+    check_given,
 )
 from potstill.curate.pipeline import DedupConfig, FormatConfig, SelectConfig
 from potstill.data import read_records, write_records
@@ -52,6 +55,10 @@ class QuickstartData:
     closer than the sizes share questions: keep them far apart (shared ones leave training)."""
     task_name: str = "basic_arithmetic"
     """Name of the task in tables and the report."""
+
+    def __post_init__(self):
+        check_given(self.train, "train", SOURCE)
+        check_given(self.eval, "eval", SOURCE)
 
 
 @dataclass
@@ -99,6 +106,13 @@ class QuickstartConfig:
         check(
             self.keep_per_question > 0,
             f"keep_per_question: must be > 0, got {self.keep_per_question}",
+        )
+        # Checked here, not only when the generate stage builds its sampling section from it:
+        # that is after the first eval has run.
+        check(
+            self.teacher_temperature == 0 or self.teacher_temperature >= MIN_TEMPERATURE,
+            f"teacher_temperature: must be 0 (greedy) or >= {MIN_TEMPERATURE}, got "
+            f"{self.teacher_temperature}",
         )
 
 

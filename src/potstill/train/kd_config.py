@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from potstill.config import check
-from potstill.config.sections import MIN_TEMPERATURE, ModelConfig, SamplingConfig
+from potstill.config import check, shown
+from potstill.config.sections import MIN_TEMPERATURE, ModelConfig, SamplingConfig, check_given
 
 
 @dataclass
@@ -45,6 +45,7 @@ class DistillTeacherConfig:
     """Settings of on_policy mode."""
 
     def __post_init__(self):
+        check_given(self.cache, "cache", "the directory `potstill teacher cache` wrote, or null")
         check(
             self.mode != "offline" or bool(self.cache),
             "mode: offline needs teacher.cache (the directory `potstill teacher cache` wrote)",
@@ -128,7 +129,7 @@ class KDLossConfig:
             close = difflib.get_close_matches(self.divergence, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"divergence: {self.divergence!r} is not one of {', '.join(names)} (or a "
+                f"divergence: {shown(self.divergence)} is not one of {', '.join(names)} (or a "
                 f"divergence registered in potstill.losses){hint}"
             )
         try:
