@@ -31,12 +31,14 @@ from rich.console import Console
 
 from potstill.config import check
 from potstill.config.sections import (
+    SOURCE,
     GenerationConfig,
     LoraConfig,
     ModelConfig,
     RunConfig,
     SFTDataConfig,
     TrainConfig,
+    check_given,
 )
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, PotstillError
@@ -62,6 +64,7 @@ class HeldOutSet:
 
     def __post_init__(self):
         check(bool(self.name.strip()), "name: empty; give each held-out set a name")
+        check_given(self.source, "source", SOURCE)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class CompareConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/compare"))
 
     def __post_init__(self):
+        check_given(self.train, "train", SOURCE)
         check(bool(self.held_out), "held_out: empty; list at least one held-out set")
         check(bool(self.methods), f"methods: empty; choose from {', '.join(METHODS)}")
         names = [s.name for s in self.held_out]
