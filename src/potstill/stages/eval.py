@@ -91,9 +91,9 @@ class EvalConfig:
             )
             if clash := folder_clash(items):  # answers/<label>/<task> are named by slug
                 raise ConfigError(
-                    f"{key}: {what} {shown(clash[0])} and {shown(clash[1])} share the answers folder "
-                    f"{shown(clash[2])}; give {what} that stay distinct as folder names (letters, "
-                    "digits, '.', '_', '-'; case ignored)"
+                    f"{key}: {what} {shown(clash[0])} and {shown(clash[1])} share the answers "
+                    f"folder {shown(clash[2])}; give {what} that stay distinct as folder names "
+                    "(letters, digits, '.', '_', '-'; case ignored)"
                 )
         for source in self.exclude:
             check_given(source, "exclude", "a record source per entry (or drop the entry)")
