@@ -4,7 +4,8 @@ A source spec is one of:
 - `data.jsonl` (one JSON object per line) or `data.parquet`;
 - a directory: potstill shards (`part-*.jsonl`), a `datasets` `save_to_disk` folder (add
   `?split=NAME` for a DatasetDict), or a folder of .jsonl / .parquet files;
-- `rg:NAME?size=200&seed=1&...`: a reasoning-gym generator (extra keys go to its config).
+- `rg:NAME?size=200&seed=1&...`: a reasoning-gym generator (extra keys go to its config;
+  `phrasing=wording|words` rewrites its questions, see `potstill.data.rephrase`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import unquote_plus
 import yaml
 
 from potstill.data.records import validate_record
+from potstill.data.rephrase import check_style, rephrase
 from potstill.errors import DataError
 
 MAX_PROBLEMS_KEPT = 100
@@ -158,6 +160,9 @@ def _iter_reasoning_gym(spec: str) -> Iterator[tuple[str, object]]:
         raise DataError(f"{spec}: unknown reasoning-gym task '{name}'; {hint}see reasoning_gym")
     params.setdefault("seed", 0)
     params.setdefault("size", 100)
+    phrasing = params.pop("phrasing", None)  # ours, not the generator's
+    if phrasing is not None:
+        check_style(spec, phrasing)
     _check_int(spec, params, "size", 0)
     _check_int(spec, params, "seed")
     try:
@@ -176,6 +181,8 @@ def _iter_reasoning_gym(spec: str) -> Iterator[tuple[str, object]]:
         }
         if metadata.get("answer_cot"):
             record["solution"] = metadata["answer_cot"]
+        if phrasing is not None:
+            record = rephrase(record, phrasing, i, spec)
         yield f"{spec}#{i}", record
 
 
