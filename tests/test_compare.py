@@ -67,6 +67,7 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
             assert row["cells"][k]["accuracy"] == pytest.approx(want), (row["model"], k)
     assert (out / "compare.md").read_text().startswith("| model | steps |")
     assert json.loads((out / "compare.json").read_text())["budget"]["max_steps"] == 1
+    assert (out / "compare.html").read_text().count("<img src='data:image/png;base64,") == 1
     # A rerun finds every method trained: no step is redone, the table is the same.
     again = run_compare(cfg, Console(quiet=True))
     assert [r["cells"] for r in again["rows"]] == [r["cells"] for r in table["rows"]]

@@ -1,4 +1,5 @@
-"""Rephrased held-out sets: the same expressions (so the same gold answers and scorer), new words."""
+"""Rephrased held-out sets: the same expressions (so the same gold answers and scorer), in new
+words."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def test_each_style_keeps_the_answer_and_rewrites_the_question():
     plain = read_records(SOURCE)
     wording = read_records(SOURCE + "&phrasing=wording")
     words = read_records(SOURCE + "&phrasing=words")
-    assert [r["answer"] for r in wording] == [r["answer"] for r in plain] == [r["answer"] for r in words]
+    assert (
+        [r["answer"] for r in wording]
+        == [r["answer"] for r in plain]
+        == [r["answer"] for r in words]
+    )
     assert plain[2]["question"] == "Calculate 1 - 81 * -16."
     assert wording[2]["question"] == "What number do you get from 1 - 81 * -16?"
     assert words[2]["question"] == (
@@ -46,7 +51,14 @@ def test_each_style_keeps_the_answer_and_rewrites_the_question():
 
 def test_five_wordings_in_turn():
     questions = [r["question"] for r in read_records(SOURCE + "&phrasing=wording")]
-    assert [q.split()[0] for q in questions] == ["Work", "Evaluate", "What", "Compute:", "Find", "Work"]
+    assert [q.split()[0] for q in questions] == [
+        "Work",
+        "Evaluate",
+        "What",
+        "Compute:",
+        "Find",
+        "Work",
+    ]
 
 
 def test_an_unknown_style_and_a_task_without_expressions_are_refused():

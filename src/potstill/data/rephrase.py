@@ -38,7 +38,8 @@ _TOKEN = re.compile(r"\s*(-?\d+(?:\.\d+)?|[-+*/()])")
 
 
 def number_words(n: int) -> str:
-    """English words for an integer with |n| < 100: 77 -> 'seventy-seven', -8 -> 'negative eight'."""
+    """English words for an integer with |n| < 100: 77 -> 'seventy-seven', -8 -> 'negative
+    eight'."""
     if n < 0:
         return "negative " + number_words(-n)
     if n < 20:
@@ -93,7 +94,9 @@ def rephrase(record: dict, style: str, index: int, spec: str) -> dict:
         try:
             spoken = _spoken(expression)
         except ValueError:
-            raise DataError(f"{spec}: cannot phrase the expression {expression!r} in words") from None
+            raise DataError(
+                f"{spec}: cannot phrase the expression {expression!r} in words"
+            ) from None
         question = WORDS[index % len(WORDS)].format(e=spoken)
     metadata = {**record.get("metadata", {}), "phrasing": style}
     return {**record, "id": f"{record['id']}-{style}", "question": question, "metadata": metadata}

@@ -45,6 +45,8 @@ from potstill.errors import ConfigError, PotstillError
 from potstill.eval.compare import Method, compare_table, write_tables
 from potstill.eval.config import CostConfig, EvalTask, eval_model
 from potstill.eval.tasks import normal_question
+from potstill.fsutil import atomic_write_text
+from potstill.report.compare_page import render_compare
 from potstill.runs import RunDir
 from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig, OnPolicyConfig
 
@@ -157,6 +159,8 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
             _evaluate(cfg, run.path, methods, console)
         table = compare_table(run.path, cfg, methods)
         write_tables(run.path, table)
+        page = render_compare(table, title=f"{cfg.student.name} taught by {cfg.teacher.name}")
+        atomic_write_text(run.path / "compare.html", page)
         run.count(methods=len(methods), failed=sum(m.failed is not None for m in methods))
     console.print(table["markdown"])
     return table
