@@ -67,7 +67,9 @@ case "$cmd" in
   test)
     setup
     # pytest exits 5 when it collected nothing: that must fail CI, as it means the suite is broken.
-    exec "$PY" -m pytest "$@"
+    # Two workers by default (pytest-xdist): most tests wait on a subprocess or on imports, so
+    # two share two cores well. POTSTILL_TEST_WORKERS=0 runs in one process.
+    exec "$PY" -m pytest -n "${POTSTILL_TEST_WORKERS:-2}" "$@"
     ;;
   quickstart)
     setup

@@ -114,6 +114,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, workdir):
     assert tree_hash(workdir) == before
 
 
+@pytest.mark.slow
 def test_vocab_mismatch(tiny_model_dir, other_vocab_dir):
     proc = run_cli("models", "check-vocab", str(tiny_model_dir), str(other_vocab_dir))
     assert_one_line_error(proc, "teacher and student tokenizers differ", "ids differ")

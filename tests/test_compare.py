@@ -45,6 +45,7 @@ def _overrides(model_dir, tmp_path, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_model_dir, tmp_path):
     cfg = load_config(CompareConfig, overrides=_overrides(tiny_model_dir, tmp_path))
     table = run_compare(cfg, Console(quiet=True))
@@ -53,7 +54,10 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
     keys = ["near/with_prompt", "near/no_prompt", "far/with_prompt", "far/no_prompt"]
     for row in table["rows"]:
         assert sorted(row["cells"]) == sorted(keys), row["model"]
-        assert all(row["cells"][k] is not None for k in keys), row["model"]
+        # The teacher answers with the training prompt only (eval_teacher_without_system_prompt
+        # is off by default: on a CPU its pass is the slowest of all).
+        filled = [k for k in keys if row["model"] != "teacher" or k.endswith("/with_prompt")]
+        assert [k for k in keys if row["cells"][k] is not None] == filled, row["model"]
     for row in table["rows"][2:]:
         assert row["failed"] is None
         assert row["training"]["steps"] == 1 and row["training"]["tokens"] > 0
@@ -63,6 +67,8 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
     # Accuracies are real counts of a real verifier: near accepts 2 of 4, far 2 of 6, always.
     for row in table["rows"]:
         for k in keys:
+            if row["cells"][k] is None:
+                continue
             want = 0.5 if k.startswith("near") else 1 / 3
             assert row["cells"][k]["accuracy"] == pytest.approx(want), (row["model"], k)
     assert (out / "compare.md").read_text().startswith("| model | steps |")

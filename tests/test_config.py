@@ -106,6 +106,7 @@ def test_shipped_quickstart_yaml_matches_the_defaults():
     assert load_config(QuickstartConfig, CONFIGS / "quickstart.yaml") == QuickstartConfig()
 
 
+@pytest.mark.slow
 def test_cli_config_errors_are_one_line_exit_2(tmp_path):
     bad_lr = write(tmp_path, "train:\n  lr: -0.1\n")
     assert_one_line_error(

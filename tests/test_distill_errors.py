@@ -36,6 +36,7 @@ def test_teacher_with_another_vocabulary_is_refused_before_training(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cache_of_another_teacher_or_tokenizer_is_refused(pair, other_vocab_dir, tmp_path):
     student, teacher, data, root = pair
     cache = write_cache(root / "cache", teacher, config(student, teacher, data, root / "x"), k=4)
@@ -48,6 +49,7 @@ def test_cache_of_another_teacher_or_tokenizer_is_refused(pair, other_vocab_dir,
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_nan_in_cached_log_probs_is_refused(pair, tmp_path):
     student, teacher, data, _ = pair
     cfg = config(student, teacher, data, tmp_path / "x")
@@ -57,6 +59,7 @@ def test_nan_in_cached_log_probs_is_refused(pair, tmp_path):
     _fails(proc, "'r3'", "NaN")
 
 
+@pytest.mark.slow
 def test_records_missing_from_the_cache_name_the_first(pair, tmp_path):
     student, teacher, data, root = pair
     cache = root / "cache"
@@ -68,6 +71,7 @@ def test_records_missing_from_the_cache_name_the_first(pair, tmp_path):
     _fails(proc, "no entry for record 'r6'")
 
 
+@pytest.mark.slow
 def test_cache_made_with_other_data_settings_is_refused(pair, tmp_path):
     student, teacher, data, root = pair
     cache = root / "cache"
@@ -101,6 +105,7 @@ def test_records_without_target_tokens_are_skipped_and_counted(pair, tmp_path):
     assert counts["skipped_no_target_tokens"] == 1 and counts["sequences"] == 1
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_names_every_changed_key(pair, tmp_path):
     student, teacher, data, _ = pair
     out = tmp_path / "run"
@@ -134,6 +139,7 @@ def _student_with_template(root, name, template):
     return root / name
 
 
+@pytest.mark.slow
 def test_student_chat_template_must_build_the_cached_tokens(pair, tmp_path):
     from .conftest import CHATML
 

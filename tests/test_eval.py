@@ -124,6 +124,7 @@ def test_eval_refuses_questions_seen_in_training(tiny_model_dir, tmp_path):
     assert not (tmp_path / "ev").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_eval_bad_input_is_one_line(tiny_model_dir, tmp_path):
     proc = run_cli("eval", "--set", "models=[{name: no-such-model-xyz}]")
     assert_one_line_error(proc, "no-such-model-xyz")

@@ -59,6 +59,7 @@ def test_samples_carry_ids_seeds_and_provenance(tiny_model_dir, tmp_path):
     assert manifest["counts"]["samples"] == 6 and manifest["counts"]["records"] == 3
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_exactly_the_missing_samples(tiny_model_dir, tmp_path):
     source = "rg:basic_arithmetic?size=50&seed=2"
     extra = (

@@ -304,7 +304,8 @@ RLT_TRAIN = Case(
 )
 
 CASES = [GENERATE, CURATE, TEACHER_CACHE, SFT, DISTILL, RLT_TRAIN]
-SLOW = {"curate", "distill"}
+SLOW = {"curate", "distill", "sft", "teacher-cache", "rlt-train"}
+"""Over ~40 s each: run by CI (the full suite); `generate` stays in the default suite."""
 
 
 def _params():

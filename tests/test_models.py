@@ -111,6 +111,7 @@ def test_gguf_checks_catch_garbage_and_truncation(tmp_path):
         load_model(garbage)
 
 
+@pytest.mark.slow
 def test_cli_model_errors(tmp_path):
     assert_one_line_error(
         run_cli("models", "prepare", "qwen-7b"), "unknown offline model 'qwen-7b'"

@@ -25,6 +25,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_rlt_score_adds_rewards(tiny_model_dir, tmp_path):
     src = write_records(tmp_path / "in.jsonl", ROWS)
     out = tmp_path / "out.jsonl"
@@ -52,6 +53,7 @@ def test_rlt_score_names_a_missing_field(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_rlt_score_reads_generate_output_through_the_field_mapping(tiny_model_dir, tmp_path):
     """Any teacher's traces can be scored: `generate` writes `completion` (and keeps the
     record's `answer`), mapped onto explanation and solution."""

@@ -70,6 +70,7 @@ def _train(model_dir, data, out, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_rlt_train_changes_the_teacher_and_resumes_exactly(tiny_model_dir, tmp_path):
     data = write_records(tmp_path / "q.jsonl", QUESTIONS)
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -99,6 +100,7 @@ def test_rlt_train_changes_the_teacher_and_resumes_exactly(tiny_model_dir, tmp_p
         assert resumed[key] == pytest.approx(metrics[3][key], rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_with_reference_resync(tiny_model_dir, tmp_path):
     """No LoRA: every weight trains, and the reference is a copy of every weight, re-synced
     every 2 steps, saved, and named in the checkpoint so a resume reloads it."""
@@ -141,6 +143,7 @@ def test_vocab_mismatch_is_refused(tiny_model_dir, other_vocab_dir, tmp_path):
     assert_one_line_error(proc, "vocabular")
 
 
+@pytest.mark.slow
 def test_warmup_learns_the_explanation_only(tiny_model_dir, tmp_path):
     from potstill.losses.reduce import IGNORE_INDEX
     from potstill.models import load_tokenizer
@@ -181,6 +184,7 @@ def _explain(model_dir, data, out, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_explain_select_best_keeps_the_top_reward_per_question(tiny_model_dir, tmp_path):
     from potstill.data import read_shards
 

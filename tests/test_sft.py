@@ -92,6 +92,7 @@ def _sft(model_dir, data, out, *extra):
     return run_cli(*_sft_args(model_dir, data, out, "--set", "train.max_steps=4", *extra))
 
 
+@pytest.mark.slow
 def test_sft_trains_saves_and_resumes_exactly(tiny_model_dir, tmp_path):
     data = _records(tmp_path / "kept.jsonl")
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -119,6 +120,7 @@ def test_sft_trains_saves_and_resumes_exactly(tiny_model_dir, tmp_path):
     assert not hasattr(merged, "peft_config")
 
 
+@pytest.mark.slow
 def test_resume_with_changed_config_names_the_key(tiny_model_dir, tmp_path):
     data = _records(tmp_path / "kept.jsonl")
     out = tmp_path / "run"
@@ -134,6 +136,7 @@ def test_resume_without_checkpoint_is_refused(tiny_model_dir, tmp_path):
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_checkpoint_and_the_rerun_finishes(tiny_model_dir, tmp_path):
     import os
     import signal
@@ -162,6 +165,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint_and_the_rerun_finishes(tiny_mod
     assert manifest["attempts"][-1]["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_an_interrupt_mid_step_checkpoints_the_rng_of_the_last_finished_step(
     tiny_model_dir, tmp_path, monkeypatch
 ):

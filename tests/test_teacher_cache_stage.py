@@ -110,6 +110,7 @@ def test_stage_rerun_recomputes_only_what_a_kill_lost(tiny_model_dir, records_fi
         torch.testing.assert_close(cache.get(rid).log_probs, top.log_probs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_caches_and_bad_input_is_one_line_exit_2(tiny_model_dir, records_file, tmp_path):
     base = [
         "teacher", "cache", "--set", f"teacher.name={tiny_model_dir}",

@@ -172,6 +172,7 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     return tmp, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_WANDB, reason="wandb not installed: pip install 'potstill[wandb]'")
 def test_wandb_offline_gets_every_scalar_of_every_step(tracked_run):
     tmp, metrics = tracked_run

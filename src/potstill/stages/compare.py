@@ -94,9 +94,12 @@ class CompareConfig:
     """How the teacher writes traces and how every model answers the held-out sets; its system
     prompt is the training prompt."""
     eval_without_system_prompt: bool = True
-    """Also evaluate every model with no system prompt (does the gain survive without it?)."""
+    """Also evaluate the students with no system prompt (does the gain survive without it?)."""
     eval_teacher: bool = True
-    """Evaluate the teacher on the held-out sets too (the ceiling of the table)."""
+    """Evaluate the teacher on the held-out sets too (the ceiling of the table), with the
+    training system prompt."""
+    eval_teacher_without_system_prompt: bool = False
+    """Also evaluate the teacher with no system prompt: on a CPU the slowest pass of all."""
     budget: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             lr=2e-4, max_steps=20, micro_batch_size=4, grad_accum=2, max_seq_len=256,
@@ -316,9 +319,12 @@ def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) ->
     if cfg.eval_without_system_prompt and cfg.decoding.system_prompt:
         prompts["no_prompt"] = None
     for variant, prompt in prompts.items():
+        answering = models
+        if variant == "no_prompt" and not cfg.eval_teacher_without_system_prompt:
+            answering = [m for m in models if m.label != "teacher"]
         run_eval(
             EvalConfig(
-                models=models, tasks=tasks, exclude=[str(path / "data" / "train.jsonl")],
+                models=answering, tasks=tasks, exclude=[str(path / "data" / "train.jsonl")],
                 generation=replace(cfg.decoding, system_prompt=prompt), cost=cfg.cost,
                 run=RunConfig(output_dir=str(path / "eval" / variant), log_with=cfg.run.log_with),
             ),
