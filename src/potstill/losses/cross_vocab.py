@@ -56,7 +56,8 @@ def vocab_matches(teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, 
     one to one; where a vocabulary spells one id two ways the lowest teacher id wins.
 
     Strings are compared as stored: two byte-level BPE vocabularies (Qwen, SmolLM2, both "Ġ" for
-    a space) match on many tokens; a SentencePiece one ("▁") shares few strings with them.
+    a space) match on many tokens; a SentencePiece one ("▁") shares few strings with them, and
+    across conventions a non-ASCII string may match by accident (byte-level "Ã©" is "é").
     """
     pairs = sorted(
         (teacher_id, student_vocab[token])
@@ -153,7 +154,9 @@ def _over_chunks(rows_fn, student_logits: Tensor, teacher_logits: Tensor, chunk_
     teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])  # a target only
     rows = student.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(max(student.shape[-1], teacher.shape[-1]))
+        # a chunk's full sort holds ~5 float32-sized copies of it (upcast, softmax, sorted
+        # values, int64 indices): a quarter of the fused loss's rows keeps the same budget
+        chunk_size = max(1, default_chunk_size(max(student.shape[-1], teacher.shape[-1])) // 4)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     # recompute chunks in backward only when there is more than one: that is what bounds memory
@@ -186,8 +189,9 @@ def uld(
     decreasingly and the shorter zero-padded to max(V_s, V_t): Σ_i |p_(i) − q_(i)|, in [0, 2].
     `top_k` compares only the k largest probabilities of each side: a top-k instead of a full
     sort of V entries, the cheap variant (the mass past rank k is ignored, so it is a lower bound
-    of the full loss). `chunk_size` rows are processed at a time (None: as many as keep one
-    float32 [rows, max V] block under 512 MiB). The teacher's logits are detached.
+    of the full loss). `chunk_size` rows are processed at a time (None: a quarter of
+    `default_chunk_size(max V)`, 128 rows for a 152k vocabulary). The teacher's logits are
+    detached.
     """
     check_temperature(temperature)
     _check_top_k(top_k)
