@@ -3,6 +3,8 @@ Qwen2.5-Coder, SmolLM2 and Gemma-3 tokenizers of the offline kit (slow: download
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from potstill.data.alignment import (
@@ -104,6 +106,51 @@ def test_one_to_one_targets_need_the_next_span_one_to_one_too():
     )
     assert target_positions(Alignment(spans), only_one_to_one=True) == ([0], [0])
     assert target_positions(Alignment(spans)) == ([0, 1, 3, 4], [0, 1, 2, 3])
+
+
+def random_cuts(rng: random.Random, length: int) -> list[tuple[int, int]]:
+    points = sorted(rng.sample(range(1, length), rng.randint(0, length - 1)))
+    edges = [0, *points, length]
+    return list(zip(edges, edges[1:], strict=False))
+
+
+def test_random_partitions_align_into_the_coarsest_common_refinement():
+    rng = random.Random(0)
+    for _ in range(200):
+        length = rng.randint(1, 30)
+        teacher, student = random_cuts(rng, length), random_cuts(rng, length)
+        alignment = align_offsets(teacher, student, length)
+        shared = {end for _, end in teacher} & {end for _, end in student}
+        # one span per shared boundary, each closing exactly there; every token in one span
+        assert [s.chars[1] for s in alignment.spans] == sorted(shared)
+        assert [s.teacher for s in alignment.spans][0][0] == 0
+        for left, right in zip(alignment.spans, alignment.spans[1:], strict=False):
+            assert left.teacher[1] == right.teacher[0] and left.student[1] == right.student[0]
+            assert left.chars[1] == right.chars[0]
+        assert alignment.spans[-1].teacher[1] == len(teacher)
+        assert alignment.spans[-1].student[1] == len(student)
+
+
+def test_byte_pieces_and_special_tokens_do_not_move_the_spans():
+    """Splitting tokens into overlapping pieces (as byte-level BPE does inside one character)
+    and inserting empty-offset tokens changes token indices, never the characters of a span."""
+    rng = random.Random(1)
+    for _ in range(200):
+        length = rng.randint(1, 30)
+        teacher, student = random_cuts(rng, length), random_cuts(rng, length)
+        plain = align_offsets(teacher, student, length)
+        noisy, inserted = [], []
+        for start, end in student:
+            if rng.random() < 0.2:
+                inserted.append(len(noisy))
+                noisy.append((start, start))  # a special token
+            # 1 to 3 pieces: the first covers the token, the rest its last character
+            noisy += [(start, end)] + [(end - 1, end)] * rng.randint(0, 2)
+        alignment = align_offsets(teacher, noisy, length)
+        assert [s.chars for s in alignment.spans] == [s.chars for s in plain.spans]
+        assert [s.teacher for s in alignment.spans] == [s.teacher for s in plain.spans]
+        assert alignment.student_skipped == tuple(inserted)
+        assert alignment.spans[-1].student[1] == len(noisy)
 
 
 class _SlowTokenizer:
