@@ -304,7 +304,7 @@ RLT_TRAIN = Case(
 )
 
 CASES = [GENERATE, CURATE, TEACHER_CACHE, SFT, DISTILL, RLT_TRAIN]
-SLOW = {"curate", "distill", "sft", "teacher-cache", "rlt-train"}
+SLOW = {"curate", "distill", "sft", "teacher cache", "rlt train"}
 """Over ~40 s each: run by CI (the full suite); `generate` stays in the default suite."""
 
 
