@@ -62,6 +62,24 @@ class EvalTask:
 
 
 @dataclass
+class HeldOutSet:
+    """A held-out set of questions, with what it tests (compare and the quickstart report each
+    kind apart)."""
+
+    name: str = "in_distribution"
+    """Name of the set in the table."""
+    source: str = "rg:basic_arithmetic?size=20&seed=10000&max_terms=3&max_digits=2"
+    """Questions with answers: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S."""
+    kind: Literal["in_distribution", "rephrased", "other_family"] = "in_distribution"
+    """What the set tests: the training tasks on new seeds; the same skills phrased otherwise;
+    task families not trained on that need the same skill. Reported apart."""
+
+    def __post_init__(self):
+        check(bool(self.name.strip()), "name: empty; give each held-out set a name")
+        check_given(self.source, "source", SOURCE)
+
+
+@dataclass
 class CostConfig:
     usd_per_hour: float = 0.10
     """Price of the hardware the eval runs on, $ per hour (a cloud 2-vCPU VM is ~$0.10, an H100

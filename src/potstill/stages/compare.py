@@ -43,7 +43,7 @@ from potstill.config.sections import (
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, PotstillError
 from potstill.eval.compare import Method, compare_table, write_tables
-from potstill.eval.config import CostConfig, EvalTask, eval_model
+from potstill.eval.config import CostConfig, EvalTask, HeldOutSet, eval_model
 from potstill.eval.tasks import normal_question
 from potstill.fsutil import atomic_write_text
 from potstill.report.compare_page import render_compare
@@ -52,21 +52,6 @@ from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig, OnPolic
 
 METHODS = ("sft", "logit", "on_policy", "sft_then_on_policy")
 MethodName = Literal["sft", "logit", "on_policy", "sft_then_on_policy"]
-
-
-@dataclass
-class HeldOutSet:
-    name: str = "in_distribution"
-    """Name of the set in the table."""
-    source: str = "rg:basic_arithmetic?size=20&seed=10000&max_terms=3&max_digits=2"
-    """Questions with answers: .jsonl, .parquet, a directory, or rg:TASK?size=N&seed=S."""
-    kind: Literal["in_distribution", "rephrased", "other_family"] = "in_distribution"
-    """What the set tests: the training tasks on new seeds; the same skills phrased otherwise;
-    task families not trained on that need the same skill. Reported apart."""
-
-    def __post_init__(self):
-        check(bool(self.name.strip()), "name: empty; give each held-out set a name")
-        check_given(self.source, "source", SOURCE)
 
 
 @dataclass

@@ -11,13 +11,11 @@ among the evaluation questions is dropped before the teacher sees it.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from potstill.config import check
 from potstill.config.sections import (
@@ -35,15 +33,39 @@ from potstill.config.sections import (
 from potstill.curate.pipeline import DedupConfig, FormatConfig, SelectConfig
 from potstill.data import read_records, write_records
 from potstill.errors import DataError
-from potstill.eval.config import CostConfig, EvalTask, eval_model
-from potstill.eval.results import answers_dir
+from potstill.eval.config import CostConfig, EvalTask, HeldOutSet, eval_model
+from potstill.eval.results import answers_dir, slug
 from potstill.eval.tasks import normal_question
 from potstill.runs import RunDir
 from potstill.stages.curate import CurateConfig, run_curate
 from potstill.stages.eval import EvalConfig, run_eval
+from potstill.stages.quickstart_table import print_summary, summarise
 from potstill.stages.sft import SFTConfig, run_sft
 
 TASK = "rg:basic_arithmetic?min_terms=2&max_terms=4&min_digits=1&max_digits=2"
+
+
+TRANSFER = (
+    HeldOutSet("reworded", f"{TASK}&size=20&seed=40000&phrasing=wording", "rephrased"),
+    HeldOutSet(  # three terms at most: spelt out, four make a sentence few models parse
+        "in_words",
+        "rg:basic_arithmetic?min_terms=2&max_terms=3&min_digits=1&max_digits=2&size=20&seed=50000"
+        "&phrasing=words",
+        "rephrased",
+    ),
+    HeldOutSet(
+        "chain_sum",
+        "rg:chain_sum?size=20&seed=20000&min_terms=2&max_terms=4&min_digits=1&max_digits=2",
+        "other_family",
+    ),
+    HeldOutSet(
+        "products",
+        "rg:products?size=20&seed=30000&min_terms=2&max_terms=2&min_digits=1&max_digits=2",
+        "other_family",
+    ),
+)
+"""The default transfer sets: the same problems reworded and in words (potstill.data.rephrase),
+and two families never trained on (the held-out sets of configs/compare-cpu.yaml)."""
 
 
 @dataclass
@@ -55,10 +77,21 @@ class QuickstartData:
     closer than the sizes share questions: keep them far apart (shared ones leave training)."""
     task_name: str = "basic_arithmetic"
     """Name of the task in tables and the report."""
+    transfer: list[HeldOutSet] = field(default_factory=lambda: list(TRANSFER))
+    """More held-out sets the student answers before and after, reported apart from the trained
+    task: the same problems phrased otherwise (kind rephrased), task families never trained on
+    (kind other_family). Training questions whose text appears in one are dropped."""
 
     def __post_init__(self):
         check_given(self.train, "train", SOURCE)
         check_given(self.eval, "eval", SOURCE)
+        names = [self.task_name, *(t.name for t in self.transfer)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        shown = repr(dupes[0]) if dupes else ""
+        check(
+            not dupes,
+            f"transfer: set names must differ from each other and from task_name, {shown} repeats",
+        )
 
 
 @dataclass
@@ -127,18 +160,21 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dic
     # Bad input fails here, before the run directory exists.
     train_records = read_records(cfg.data.train)
     eval_records = read_records(cfg.data.eval)
+    transfer = {t.name: read_records(t.source) for t in cfg.data.transfer}
     for model in (cfg.student, cfg.teacher):
         resolve_model_path(model.name)  # prepares a kit model on first use
-    with RunDir(
-        out, command="quickstart", config=cfg, inputs=[cfg.data.train, cfg.data.eval]
-    ) as run:
-        train_path, eval_path = _write_split(run.path, train_records, eval_records, console)
+    sources = [cfg.data.train, cfg.data.eval, *(t.source for t in cfg.data.transfer)]
+    with RunDir(out, command="quickstart", config=cfg, inputs=sources) as run:
+        train_path, eval_path = _write_split(
+            run.path, train_records, eval_records, transfer, console
+        )
         started = time.perf_counter()
         for i, stage in enumerate(STAGES, 1):
             console.rule(f"[bold]{i}/{len(STAGES) + 1} {stage}")
             with run.timed(stage):
                 STAGE_FUNCTIONS[stage](cfg, run.path, train_path, eval_path, console)
-        summary = summarise(run.path)
+        kinds = {t.name: t.kind for t in cfg.data.transfer}
+        summary = summarise(run.path, cfg.data.task_name, kinds)
         run.count(**{k: v for k, v in summary.items() if isinstance(v, int | float)})
         run.manifest["timings"]["this_attempt"] = round(time.perf_counter() - started, 1)
     # The report comes last, once the quickstart's own run is complete (it reports on it).
@@ -150,9 +186,13 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None) -> dic
     return summary
 
 
-def _write_split(path: Path, train: list[dict], held_out: list[dict], console) -> tuple[str, str]:
-    """Held-out questions as drawn; training questions minus any whose text is held out."""
-    held = {normal_question(r["question"]) for r in held_out}
+def _write_split(
+    path: Path, train: list[dict], held_out: list[dict], transfer: dict[str, list[dict]], console
+) -> tuple[str, str]:
+    """Held-out questions as drawn; training questions minus any whose text is held out (in the
+    trained task's set or a transfer set)."""
+    every_held = [*held_out, *(r for records in transfer.values() for r in records)]
+    held = {normal_question(r["question"]) for r in every_held}
     kept = [r for r in train if normal_question(r["question"]) not in held]
     if not kept:
         raise DataError("data.train: every training question is also held out; use another seed")
@@ -164,13 +204,27 @@ def _write_split(path: Path, train: list[dict], held_out: list[dict], console) -
     train_path, eval_path = path / "data" / "train.jsonl", path / "data" / "eval.jsonl"
     write_records(train_path, kept)
     write_records(eval_path, held_out)
+    for name, records in transfer.items():
+        write_records(transfer_path(path, name), records)
     return str(train_path), str(eval_path)
 
 
+def transfer_path(path: Path, name: str) -> Path:
+    return path / "data" / f"transfer-{slug(name)}.jsonl"
+
+
 def _eval_config(cfg, out: Path, questions: str, exclude: str | None, models) -> EvalConfig:
+    """The eval of `questions` (the trained task's), and of the transfer sets when `questions`
+    are held out (not for the teacher's pass over the training questions)."""
+    tasks = [EvalTask(source=questions, name=cfg.data.task_name)]
+    if out.name != "generate":
+        run = out.parent
+        tasks += [
+            EvalTask(source=str(transfer_path(run, t.name)), name=t.name) for t in cfg.data.transfer
+        ]
     return EvalConfig(
         models=models,
-        tasks=[EvalTask(source=questions, name=cfg.data.task_name)],
+        tasks=tasks,
         exclude=[exclude] if exclude else [],
         generation=cfg.decoding,
         cost=cfg.cost,
@@ -243,10 +297,6 @@ def eval_after(cfg, path: Path, train_path: str, eval_path: str, console) -> Non
     run_eval(_eval_config(cfg, path / "eval-after", eval_path, kept, models), console)
 
 
-def _questions(stage: str) -> str:
-    return "train" if stage == "generate" else "held-out"
-
-
 STAGE_FUNCTIONS = {
     "eval-before": eval_before,
     "generate": generate,
@@ -254,81 +304,3 @@ STAGE_FUNCTIONS = {
     "sft": sft,
     "eval-after": eval_after,
 }
-
-
-def summarise(path: Path) -> dict:
-    """The rows of the final table (teacher, student before, student after) and the headline."""
-    rows = {}
-    for stage in ("generate", "eval-before", "eval-after"):  # a held-out teacher row wins
-        result = json.loads((path / stage / "eval.json").read_text())
-        costs = {m["label"]: m for m in result["models"]}
-        for r in result["results"]:
-            rows[r["model"]] = {**costs[r["model"]], **r, "questions": _questions(stage)}
-    sft_manifest = json.loads((path / "sft" / "manifest.json").read_text())
-    kept = len(read_records(path / "curate" / "kept.jsonl"))
-    before, after = rows["student (before)"], rows["student (after)"]
-    summary = {
-        "rows": rows,
-        "kept_traces": kept,
-        "train_seconds": round(sft_manifest["timings"].get("train", 0.0), 1),
-        "student_before_accuracy": before["accuracy"],
-        "student_after_accuracy": after["accuracy"],
-        "gain_points": round(100 * (after["accuracy"] - before["accuracy"]), 1),
-    }
-    if "teacher" in rows:
-        teacher = rows["teacher"]
-        summary["teacher_accuracy"] = teacher["accuracy"]
-        if teacher["accuracy"] > 0:
-            summary["kept_of_teacher"] = round(after["accuracy"] / teacher["accuracy"], 3)
-        if after["usd_per_1k_answers"] > 0:
-            summary["cost_ratio"] = round(
-                teacher["usd_per_1k_answers"] / after["usd_per_1k_answers"], 2
-            )
-    return summary
-
-
-def print_summary(summary: dict, report_path: Path, console: Console) -> None:
-    from rich import box
-
-    table = Table(
-        title="teacher → student (same decoding for every model)",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        collapse_padding=True,
-        pad_edge=False,
-        show_edge=False,
-        caption="tok/ans: tokens per answer; s/ans: seconds per answer (batched); "
-        "$/1k: per 1,000 answers",
-    )
-    for col in ("model", "questions", "accuracy", "params", "tok/ans", "s/ans", "$/1k"):
-        table.add_column(col, justify="left" if col in ("model", "questions") else "right",
-                         no_wrap=True)  # fmt: skip
-    for label, r in summary["rows"].items():
-        table.add_row(
-            label,
-            f"{r['n']} {r['questions']}",
-            f"{r['accuracy']:.1%} ({r['correct']}/{r['n']})",
-            f"{r['params'] / 1e9:.2f}B" if r.get("params") else "-",
-            f"{r['mean_completion_tokens']:.0f}",
-            f"{r['seconds_per_answer']:.2f}",
-            f"{r['usd_per_1k_answers']:.4f}",
-        )
-    console.print(table)
-    if any(r["questions"] == "train" for r in summary["rows"].values()):
-        console.print(
-            "[dim]train: the teacher's accuracy on the training questions it answered (it never "
-            "learns from them); held-out: questions no model trained on[/]"
-        )
-    line = (
-        f"student: {summary['student_before_accuracy']:.1%} → "
-        f"{summary['student_after_accuracy']:.1%} ({summary['gain_points']:+.1f} points) "
-        f"after fine-tuning on {summary['kept_traces']} verified teacher traces"
-    )
-    if "kept_of_teacher" in summary:
-        line += (
-            f"; it keeps {summary['kept_of_teacher']:.0%} of the teacher's accuracy"
-            + (f" at 1/{summary['cost_ratio']:.1f} of its cost per answer"
-               if "cost_ratio" in summary else "")
-        )  # fmt: skip
-    console.print(line)
-    console.print(f"report: {report_path}")
