@@ -135,6 +135,7 @@ def test_hybrid_with_one_tokenizer_is_the_same_vocabulary_loss(tiny_model_dir, d
             assert cross[step][key] == pytest.approx(same[step][key], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow  # a resume chain: three runs
 def test_resume_after_a_stop_gives_the_metrics_of_an_uninterrupted_run(
     tiny_model_dir, other_vocab_dir, data, tmp_path
 ):
