@@ -14,9 +14,15 @@ from potstill.config import check
 from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, SFTDataConfig, TrainConfig
 from potstill.data import read_records
 from potstill.data.examples import examples_line, record_examples
-from potstill.errors import DataError
+from potstill.errors import DataError, ModelError
 from potstill.runs import check_same_config
 from potstill.train.checkpoint import check_resumable
+from potstill.train.cross_tokenizer import (
+    collate_teacher_views,
+    make_cross_loss_fn,
+    make_soft_loss,
+    teacher_view,
+)
 from potstill.train.fit import Fit, fit
 from potstill.train.kd import (
     DistillHooks,
@@ -53,14 +59,41 @@ class DistillConfig:
             "train.packing: not supported by distill (teacher positions follow each record); "
             "set train.packing=false",
         )
+        if self.loss.cross_tokenizer is not None:
+            refused = {
+                "offline": "offline cross-tokenizer needs a cache with byte spans; not built yet",
+                "on_policy": "on-policy samples are not re-tokenised for the teacher yet",
+            }
+            check(
+                self.teacher.mode not in refused,
+                f"loss.cross_tokenizer with teacher.mode={self.teacher.mode}: "
+                f"{refused.get(self.teacher.mode)}; use teacher.mode=online",
+            )
+            check(
+                self.loss.kd_ratio.strategy != "teacher_confidence",
+                "loss.kd_ratio.strategy=teacher_confidence needs the teacher's probability of "
+                "the student's gold token, which another vocabulary does not have; use fixed, "
+                "schedule or balance with loss.cross_tokenizer",
+            )
 
 
-def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int]]:
-    """One item per record with a target token left after truncation (the others are counted)."""
-    data = cfg.data
+def load_items(
+    cfg: DistillConfig, tokenizer, teacher_tokenizer=None
+) -> tuple[list[Item], dict[str, int]]:
+    """One item per record with a target token left after truncation (the others are counted).
+    With `teacher_tokenizer` (loss.cross_tokenizer) each item carries the teacher's own view."""
+    data, max_len = cfg.data, cfg.train.max_seq_len
     records = read_records(data.source, limit=data.limit)
-    built = record_examples(records, data, tokenizer, cfg.train.max_seq_len, where=data.source)
-    items = [Item(ex, str(rec["id"]), msgs) for rec, msgs, ex in built if ex is not None]
+    built = record_examples(records, data, tokenizer, max_len, where=data.source)
+    items = []
+    for rec, msgs, ex in built:
+        if ex is None:
+            continue
+        view = None
+        if teacher_tokenizer is not None:
+            answer = rec[data.target_field]
+            view = teacher_view(ex, msgs, answer, tokenizer, teacher_tokenizer, max_len)
+        items.append(Item(ex, str(rec["id"]), msgs, teacher_view=view))
     skipped = len(records) - len(items)
     if not items:
         raise DataError(
@@ -73,11 +106,26 @@ def load_items(cfg: DistillConfig, tokenizer) -> tuple[list[Item], dict[str, int
         "sequences": len(items),
         "target_tokens": sum(i.example.target_tokens for i in items),
     }
+    if teacher_tokenizer is not None:
+        counts["aligned_positions"] = sum(len(i.teacher_view.student_positions) for i in items)
     return items, counts
 
 
+def check_one_vocab(teacher_tokenizer, tokenizer) -> None:
+    """`models.check_same_vocab`, its refusal pointing at loss.cross_tokenizer."""
+    from potstill.models import check_same_vocab
+
+    try:
+        check_same_vocab(teacher_tokenizer, tokenizer)
+    except ModelError as exc:
+        raise ModelError(
+            f"{exc}, or set loss.cross_tokenizer (e.g. --set 'loss.cross_tokenizer={{loss: "
+            "hybrid}') to distill across vocabularies"
+        ) from None
+
+
 def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: bool = False):
-    from potstill.models import check_same_vocab, load_section_model, load_tokenizer
+    from potstill.models import load_section_model, load_tokenizer
 
     console = console or Console(stderr=True)
     check_same_config(cfg.run.output_dir, cfg)  # a changed --resume fails before any loading
@@ -85,12 +133,14 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
         check_resumable(cfg.run.output_dir)
     tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
     online = cfg.teacher.mode != "offline"
+    cross = cfg.loss.cross_tokenizer is not None  # the config allows it online only
+    teacher_tokenizer = None
     if online:
         spec = cfg.teacher.model
-        check_same_vocab(
-            load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code), tokenizer
-        )
-    items, counts = load_items(cfg, tokenizer)
+        teacher_tokenizer = load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code)
+        if not cross:
+            check_one_vocab(teacher_tokenizer, tokenizer)
+    items, counts = load_items(cfg, tokenizer, teacher_tokenizer if cross else None)
     console.print(examples_line(counts))
     student = load_section_model(cfg.student)  # the tokenizer is loaded above
     vocab = student.get_output_embeddings().weight.shape[0]
@@ -99,16 +149,27 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
         rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
         cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
     device = student.device
-    teacher = load_teacher(cfg, vocab, device) if online else None
+    teacher = load_teacher(cfg, vocab, device, same_vocab=not cross) if online else None
     hooks = DistillHooks(cfg, tokenizer)
-    teacher_of = online_teacher(teacher, device) if online else offline_teacher
+    if cross:
+        soft_loss = make_soft_loss(cfg, teacher_tokenizer, tokenizer)
+        loss_fn = make_cross_loss_fn(cfg, teacher, soft_loss, hooks)
+    else:
+        teacher_of = online_teacher(teacher, device) if online else offline_teacher
+        loss_fn = make_loss_fn(cfg, teacher_of, hooks)
     pad_id = tokenizer.pad_token_id or 0
+
+    def collate(batch):
+        tensors = collate_items(batch, pad_id, cache)
+        if cross:
+            tensors.update(collate_teacher_views([item.teacher_view for item in batch]))
+        return tensors
+
     inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])
     spec = Fit("distill", cfg, cfg.student, cfg.train, cfg.run, inputs, counts)
     result, final = fit(
         student, tokenizer, items, spec,
-        collate=lambda batch: collate_items(batch, pad_id, cache),
-        loss_fn=make_loss_fn(cfg, teacher_of, hooks), console=console, resume=resume,
+        collate=collate, loss_fn=loss_fn, console=console, resume=resume,
         hooks=lambda run, model: hooks,
     )  # fmt: skip
     console.print(f"[green]done[/] {result['step']} steps; model saved to {final}")

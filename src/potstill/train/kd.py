@@ -47,6 +47,9 @@ class Item:
     """The prompt (system + user), for on-policy samples."""
     sampled: bool = False
     """The target is the student's own sample (on-policy)."""
+    teacher_view: object | None = None
+    """Across vocabularies: the teacher's own tokenization of the record and the aligned
+    positions (`train.cross_tokenizer.TeacherView`); None with one vocabulary."""
 
 
 def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch.Tensor]:
@@ -150,6 +153,28 @@ def offline_teacher(batch, mask) -> TeacherTopK:
     return TeacherTopK(batch["teacher_ids"], batch["teacher_log_probs"])
 
 
+def student_final_hidden(model, batch, mask):
+    """(hidden (N, H), lm_head): the student's final hidden states at the `mask` positions of
+    labels[:, 1:], in the lm_head's dtype, and the lm_head that projects them."""
+    # Through the (possibly DDP-wrapped) model, keeping one logit: the final hidden states
+    # (after the last norm) are what the lm_head would see.
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head.weight.dim() != 2 or head.weight.numel() == 0:
+        raise ConfigError(
+            "the student's lm_head is sharded (DeepSpeed ZeRO-3 / FSDP full sharding), which "
+            "distill does not gather yet; use DDP, ZeRO-1/2 or FSDP without sharding"
+        )
+    return out.hidden_states[-1][:, :-1][mask].to(head.weight.dtype), head
+
+
 def make_loss_fn(cfg, teacher_of, hooks: DistillHooks):
     """(model, micro_batch, window_tokens) -> (loss, parts) for the shared loop."""
     loss_cfg, params = cfg.loss, cfg.loss.divergence_params()
@@ -157,23 +182,7 @@ def make_loss_fn(cfg, teacher_of, hooks: DistillHooks):
     def kd_step_loss(model, batch, window_tokens):
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX  # (B, T-1)
-        # Through the (possibly DDP-wrapped) model, keeping one logit: the final hidden states
-        # (after the last norm) are what the lm_head would see.
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            output_hidden_states=True,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        head = getattr(model, "module", model).get_output_embeddings()
-        if head.weight.dim() != 2 or head.weight.numel() == 0:
-            raise ConfigError(
-                "the student's lm_head is sharded (DeepSpeed ZeRO-3 / FSDP full sharding), which "
-                "distill does not gather yet; use DDP, ZeRO-1/2 or FSDP without sharding"
-            )
-        hidden = out.hidden_states[-1][:, :-1][mask].to(head.weight.dtype)  # (N, H)
+        hidden, head = student_final_hidden(model, batch, mask)
         # GKD: on the student's own samples the hard label is its own token; only the teacher
         # teaches there.
         kd_ratio = 1.0 if bool(batch["sampled"]) else hooks.kd_ratio
@@ -203,9 +212,10 @@ def make_loss_fn(cfg, teacher_of, hooks: DistillHooks):
     return kd_step_loss
 
 
-def load_teacher(cfg, student_vocab: int, device):
+def load_teacher(cfg, student_vocab: int, device, *, same_vocab: bool = True):
     """The online teacher, one copy per process: beside the student (`device`) unless
-    teacher.model.device names a device of its own."""
+    teacher.model.device names a device of its own. `same_vocab=False` (loss.cross_tokenizer)
+    accepts an lm_head of another size."""
     from potstill.models import load_model
 
     spec = cfg.teacher.model
@@ -215,9 +225,10 @@ def load_teacher(cfg, student_vocab: int, device):
     )
     teacher.eval().requires_grad_(False)  # never trained: no gradients, no optimizer state
     rows = teacher.get_output_embeddings().weight.shape[0]
-    if rows != student_vocab:
+    if same_vocab and rows != student_vocab:
         raise ModelError(
             f"teacher lm_head has {rows:,} rows, the student's {student_vocab:,}: logit "
-            "distillation needs one vocabulary; pick models of one family"
+            "distillation needs one vocabulary; pick models of one family, or set "
+            "loss.cross_tokenizer (e.g. {loss: hybrid}) to distill across vocabularies"
         )
     return teacher

@@ -86,6 +86,33 @@ class KDRatioConfig:
 
 
 @dataclass
+class CrossTokenizerConfig:
+    loss: Literal["uld", "hybrid"] = "hybrid"
+    """uld: sorted probabilities compared, token identities ignored (any two vocabularies);
+    hybrid: tokens spelled alike in both vocabularies compared by loss.divergence, the rest by
+    ULD (vocabularies of one style, e.g. two byte-level BPEs). docs/cross_tokenizer.md."""
+    top_k: int | None = None
+    """ULD compares only the k largest probabilities of each side (null: the full sort)."""
+    matched_weight: float = 1.0
+    """hybrid: weight of the divergence on the tokens both vocabularies spell alike."""
+    unmatched_weight: float = 1.0
+    """hybrid: weight of ULD on the rest of the mass."""
+
+    def __post_init__(self):
+        check(
+            self.top_k is None or self.top_k >= 1,
+            f"top_k: must be a positive integer or null (the full sort), got {self.top_k}",
+        )
+        for name in ("matched_weight", "unmatched_weight"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"{name}: must be >= 0, got {value}")
+        check(
+            self.loss != "hybrid" or self.matched_weight + self.unmatched_weight > 0,
+            "matched_weight and unmatched_weight are both 0: the soft loss would be 0; raise one",
+        )
+
+
+@dataclass
 class KDLossConfig:
     divergence: str = "forward_kl"
     """Soft loss between teacher p and student q: forward_kl, reverse_kl, jsd, skew_forward_kl,
@@ -107,6 +134,10 @@ class KDLossConfig:
     """Offline top-k teacher: the mass outside the k tokens as one bucket, or renormalised away."""
     chunk_size: int | None = None
     """Tokens per lm_head chunk of the fused loss (default: ~512 MiB of float32 logits)."""
+    cross_tokenizer: CrossTokenizerConfig | None = None
+    """Teacher and student with different vocabularies (online mode): the answer's two
+    tokenizations are aligned by characters and compared by ULD or the hybrid loss, e.g.
+    {loss: hybrid}. null: one vocabulary, compared token by token."""
 
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, f"beta: must be in [0, 1], got {self.beta}")
