@@ -14,7 +14,7 @@ LAYERS = (
     ("errors", "paths", "redact"),
     ("fsutil", "distributed", "config"),
     ("kit", "prompts", "runs", "losses"),
-    ("data", "models"),
+    ("data", "models", "doctor"),
     ("teacher",),
     ("train", "curate", "eval"),
     ("rlt", "report"),

@@ -129,6 +129,28 @@ def load_tokenizer(spec: str | Path, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_model_config(spec: str | Path, *, trust_remote_code: bool = False):
+    """The model's `config.json` as a transformers config, without touching its weights; None for
+    a kit model whose tokenizer alone was extracted (its config lives in the GGUF until
+    `potstill models prepare`) and for a LoRA adapter folder."""
+    from transformers import AutoConfig
+
+    # As load_tokenizer: a kit name must not start a multi-GB conversion just to be inspected.
+    source = str(prepare_tokenizer(str(spec))) if str(spec) in KIT else resolve_model_path(spec)
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        return None
+    try:
+        return _from_pretrained(AutoConfig, source, trust_remote_code=trust_remote_code)
+    except ModelError:
+        raise  # already one line that says what to do (ModelError is a ValueError too)
+    except (ValueError, KeyError) as exc:  # an unknown model_type, a malformed field
+        raise ModelError(
+            f"'{source}': transformers cannot read its config.json ({_one_line(exc)}); "
+            "upgrade transformers or check the file"
+        ) from None
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     """ "auto" is bf16 on a GPU that supports it, else float32 (CPU training wants fp32)."""
     if isinstance(dtype, torch.dtype):

@@ -4,6 +4,7 @@
     potstill models prepare qwen2.5-coder-0.5b-instruct
     potstill data check data.jsonl
     potstill config show sft
+    potstill doctor qwen2.5-coder-1.5b-instruct smollm2-135m-instruct
     potstill quickstart --set data.limit=4 --set run.output_dir=runs/q4
 
 Input problems print one line (`error: ...`) and exit 2; set POTSTILL_DEBUG=1 for a traceback.
@@ -195,6 +196,29 @@ def report(
 
     path = write_report(run_dirs, out, price_per_hour=price_per_hour)
     console.print(f"[green]wrote[/] {path} and {path.with_suffix('.md').name}")
+
+
+@app.command()
+def doctor(
+    teacher: Annotated[
+        str, typer.Argument(help="Teacher model spec: kit name, directory, hub id.")
+    ],
+    student: Annotated[str, typer.Argument(help="Student model spec.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """What a teacher/student pair can do, from tokenizers and config.json only (no weights):
+    vocabulary overlap, distill modes, chat-template differences, context, sizes, a verdict."""
+    import json
+
+    from potstill.doctor import diagnose, report_lines
+
+    report = diagnose(teacher, student)
+    # print, not the rich console: tokens such as [INST] would be read as markup
+    print(
+        json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+        if as_json
+        else "\n".join(report_lines(report))
+    )
 
 
 INTERRUPTED = 130
