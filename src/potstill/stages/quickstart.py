@@ -213,14 +213,16 @@ def transfer_path(path: Path, name: str) -> Path:
     return path / "data" / f"transfer-{slug(name)}.jsonl"
 
 
-def _eval_config(cfg, out: Path, questions: str, exclude: str | None, models) -> EvalConfig:
-    """The eval of `questions` (the trained task's), and of the transfer sets when `questions`
-    are held out (not for the teacher's pass over the training questions)."""
+def _eval_config(
+    cfg, out: Path, questions: str, exclude: str | None, models, *, transfer: bool = True
+) -> EvalConfig:
+    """The eval of `questions` (the trained task's) and, with `transfer`, of the transfer sets
+    (not in the teacher's pass over the training questions)."""
     tasks = [EvalTask(source=questions, name=cfg.data.task_name)]
-    if out.name != "generate":
-        run = out.parent
+    if transfer:
         tasks += [
-            EvalTask(source=str(transfer_path(run, t.name)), name=t.name) for t in cfg.data.transfer
+            EvalTask(source=str(transfer_path(out.parent, t.name)), name=t.name)
+            for t in cfg.data.transfer
         ]
     return EvalConfig(
         models=models,
@@ -249,7 +251,7 @@ def generate(cfg, path: Path, train_path: str, eval_path: str, console) -> None:
         num_samples=cfg.teacher_samples,
         temperature=cfg.teacher_temperature if cfg.teacher_samples > 1 else 0.0,
     )
-    eval_cfg = _eval_config(cfg, path / "generate", train_path, None, [teacher])
+    eval_cfg = _eval_config(cfg, path / "generate", train_path, None, [teacher], transfer=False)
     run_eval(replace(eval_cfg, generation=gen), console)
 
 
