@@ -144,3 +144,15 @@ def assert_one_line_error(proc, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A directory with earlier results in its `run/`: a refused command must leave them as they
+    are (the bad-input suites compare its tree before and after)."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "keep.txt").write_text("earlier results")
+    (run / "samples" / "part-00000.jsonl").write_text('{"id": "old", "question": "q"}\n')
+    (run / "scored.jsonl").write_text('{"id": "old", "rlt_reward": 0.5}\n')
+    return tmp_path

@@ -301,17 +301,6 @@ CASES: dict[str, Callable[[Path, dict], Case]] = {
 }
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A directory with earlier results in its `run/`."""
-    run = tmp_path / "run"
-    (run / "samples").mkdir(parents=True)
-    (run / "keep.txt").write_text("earlier results")
-    (run / "samples" / "part-00000.jsonl").write_text('{"id": "old", "question": "q"}\n')
-    (run / "scored.jsonl").write_text('{"id": "old", "rlt_reward": 0.5}\n')
-    return tmp_path
-
-
 def assert_exactly_one_error_line(proc, *fragments: str) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
     assert "Traceback" not in proc.stderr, proc.stderr

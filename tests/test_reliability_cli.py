@@ -168,16 +168,6 @@ CASES: dict[str, Callable[[Path, dict], Case]] = {
 }
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A directory with earlier results in its `run/`."""
-    run = tmp_path / "run"
-    (run / "samples").mkdir(parents=True)
-    (run / "keep.txt").write_text("earlier results")
-    (run / "samples" / "part-00000.jsonl").write_text('{"id": "old", "question": "q"}\n')
-    return tmp_path
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_refused_in_one_line(name, workdir, assets):
     case = CASES[name](workdir, assets)

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from potstill.config import yamlio
+import potstill.config.yamlio as yamlio
 from potstill.config.messages import described, key_name, one_line, shown
 from potstill.config.yamlio import read_yaml
 from potstill.errors import ConfigError

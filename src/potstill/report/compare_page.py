@@ -9,10 +9,10 @@ method starts from; the top-k cache for `logit`). The untrained student sits at 
 
 from __future__ import annotations
 
-import math
 from html import escape
 
 import potstill.report.plots as plots
+from potstill.eval.compare import NOISE_Z, stderr
 from potstill.report.style import CSS
 
 KINDS = ("in_distribution", "rephrased", "other_family")
@@ -39,7 +39,7 @@ def pooled(table: dict, model: str, kind: str, variant: str) -> dict | None:
     if not n:
         return None
     p = sum(c["correct"] for c in cells) / n
-    return {"accuracy": p, "n": n, "stderr": math.sqrt(p * (1 - p) / n)}
+    return {"accuracy": p, "n": n, "stderr": stderr(p, n)}
 
 
 def method_seconds(table: dict, row: dict) -> float | None:
@@ -154,7 +154,7 @@ def render_compare(table: dict, title: str) -> str:
         "standard error over the kind's pooled questions; dashed: the teacher.</p>"
         f"{img}</section><section><h2>Every set</h2>{_table(table)}"
         "<p class='note'>~ marks a difference from the untrained student inside the noise "
-        "(less than two combined standard errors).</p></section>"
+        f"(less than {NOISE_Z:g} combined standard errors).</p></section>"
     )
     return (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"

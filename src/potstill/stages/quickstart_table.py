@@ -12,26 +12,22 @@ from rich.console import Console
 from rich.table import Table
 
 from potstill.data import read_records
-
-NOISE_Z = 2.0
-"""A change is inside the noise when it is under NOISE_Z combined standard errors."""
+from potstill.eval.compare import NOISE_Z, inside_noise, stderr
 
 
 def _questions(stage: str) -> str:
     return "train" if stage == "generate" else "held-out"
 
 
-def stderr(accuracy: float, n: int) -> float:
-    return math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan
-
-
-def transfer_rows(path: Path, transfer: dict[str, str]) -> list[dict]:
+def transfer_rows(results: dict[str, dict], transfer: dict[str, str]) -> list[dict]:
     """One row per transfer set ({set: kind}): the student's accuracy before and after, the
-    change in points, its standard error and whether it is inside the noise."""
-    found = {}
-    for stage in ("eval-before", "eval-after"):
-        for r in json.loads((path / stage / "eval.json").read_text())["results"]:
-            found[(stage, r["task"])] = r
+    change in points, its standard error and whether it is inside the noise. `results`: each
+    stage's eval.json."""
+    found = {
+        (stage, r["task"]): r
+        for stage in ("eval-before", "eval-after")
+        for r in results[stage]["results"]
+    }
     rows = []
     for name, kind in transfer.items():
         before, after = found.get(("eval-before", name)), found.get(("eval-after", name))
@@ -44,7 +40,7 @@ def transfer_rows(path: Path, transfer: dict[str, str]) -> list[dict]:
             "set": name, "kind": kind, "n": after["n"],
             "before": before["accuracy"], "after": after["accuracy"],
             "change_points": round(100 * change, 1), "stderr_points": round(100 * se, 1),
-            "inside_noise": change == 0 or abs(change) < NOISE_Z * se,
+            "inside_noise": inside_noise(before, after),
         })  # fmt: skip
     return rows
 
@@ -53,8 +49,9 @@ def summarise(path: Path, task_name: str, transfer: dict[str, str] | None = None
     """The rows of the final table (teacher, student before, student after) on the trained
     task, the headline, and the transfer rows."""
     rows = {}
-    for stage in ("generate", "eval-before", "eval-after"):  # a held-out teacher row wins
-        result = json.loads((path / stage / "eval.json").read_text())
+    stages = ("generate", "eval-before", "eval-after")  # a held-out teacher row wins
+    results = {stage: json.loads((path / stage / "eval.json").read_text()) for stage in stages}
+    for stage, result in results.items():
         costs = {m["label"]: m for m in result["models"]}
         for r in result["results"]:
             if r["task"] != task_name:
@@ -70,7 +67,7 @@ def summarise(path: Path, task_name: str, transfer: dict[str, str] | None = None
         "student_before_accuracy": before["accuracy"],
         "student_after_accuracy": after["accuracy"],
         "gain_points": round(100 * (after["accuracy"] - before["accuracy"]), 1),
-        "transfer": transfer_rows(path, transfer or {}),
+        "transfer": transfer_rows(results, transfer or {}),
     }
     if "teacher" in rows:
         teacher = rows["teacher"]
