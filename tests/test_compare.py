@@ -47,9 +47,16 @@ def _overrides(model_dir, tmp_path, *extra):
 
 @pytest.mark.slow
 def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    # First sft alone; then logit is added to the same run: sft is not trained again.
+    first = _overrides(tiny_model_dir, tmp_path, "methods=[sft]")
+    alone = run_compare(load_config(CompareConfig, overrides=first), Console(quiet=True))
+    assert [r["model"] for r in alone["rows"]] == ["teacher", "student (before)", "sft"]
+    sft_final = (out / "methods" / "sft" / "final" / "adapter_model.safetensors").read_bytes()
     cfg = load_config(CompareConfig, overrides=_overrides(tiny_model_dir, tmp_path))
     table = run_compare(cfg, Console(quiet=True))
-    out = tmp_path / "cmp"
+    sft_again = (out / "methods" / "sft" / "final" / "adapter_model.safetensors").read_bytes()
+    assert sft_again == sft_final
     assert [r["model"] for r in table["rows"]] == ["teacher", "student (before)", "sft", "logit"]
     keys = ["near/with_prompt", "near/no_prompt", "far/with_prompt", "far/no_prompt"]
     for row in table["rows"]:
@@ -78,7 +85,7 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
     again = run_compare(cfg, Console(quiet=True))
     assert [r["cells"] for r in again["rows"]] == [r["cells"] for r in table["rows"]]
     attempts = json.loads((out / "methods" / "sft" / "manifest.json").read_text())["attempts"]
-    assert len(attempts) == 2
+    assert len(attempts) == 3
 
 
 @pytest.mark.parametrize(

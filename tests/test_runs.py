@@ -274,3 +274,42 @@ def test_cli_refuses_a_bad_output_dir_in_one_line(tmp_path, case):
     proc = run_cli(*_cli_args("http://127.0.0.1:9/v1", source, out), cwd=tmp_path)
     assert_one_line_error(proc, expected)
     assert _snapshot(tmp_path) == before
+
+
+# Growable lists: an eval's models and tasks, a compare's methods, may be added on a rerun.
+
+
+def _eval_cfg(out, models: list[tuple[str, str]]):
+    from potstill.eval.config import EvalModel, EvalTask
+    from potstill.stages.eval import EvalConfig
+
+    cfg = EvalConfig(models=[EvalModel(name=n, label=label) for label, n in models])
+    cfg.tasks = [EvalTask(source="rg:chain_sum?size=2&seed=1", name="chain")]
+    cfg.run.output_dir = str(out)
+    return cfg
+
+
+def test_a_rerun_may_add_items_to_a_growable_list_but_not_change_one_it_kept(tmp_path):
+    out = tmp_path / "run"
+    grows = ("models", "tasks")
+    first = _eval_cfg(out, [("a", "model-a")])
+    with RunDir(out, command="eval", config=first, growable=grows):
+        pass
+    more = _eval_cfg(out, [("a", "model-a"), ("b", "model-b")])
+    with RunDir(out, command="eval", config=more, growable=grows):
+        pass
+    # The stored config is the one the run now holds: b's answers belong to it.
+    stored = (out / "config.yaml").read_text()
+    assert "label: b" in stored and "name: model-b" in stored
+    changed = _eval_cfg(out, [("a", "model-c"), ("b", "model-b")])
+    before = _snapshot(out)
+    with pytest.raises(ConfigError) as refused:
+        RunDir(out, command="eval", config=changed, growable=grows)
+    assert str(refused.value) == (
+        f"{out} holds a run with another config: models[a].name ('model-a' before, 'model-c' "
+        "now); use a new output_dir, or delete the old run to start over"
+    )
+    assert _snapshot(out) == before
+    # A list that may not grow is still checked whole.
+    with pytest.raises(ConfigError, match=r"another config: models \("):
+        RunDir(out, command="eval", config=_eval_cfg(out, [("a", "model-a")]))

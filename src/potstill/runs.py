@@ -191,20 +191,51 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')} ({a!r} before, {b!r} now)"]
 
 
-def check_same_config(path: str | Path, config) -> None:
+def _item_key(item) -> str:
+    """What names an item of a growable list: its `name` or `label` field, or the item."""
+    if isinstance(item, dict):
+        return str(item.get("label") or item.get("name"))
+    return str(item)
+
+
+def _grown_differences(before: dict, now: dict, growable: tuple[str, ...]) -> list[str]:
+    """Compare the growable top-level lists item by item, then drop them from both configs: an
+    item may be added or left out, but one kept under the same name must not change."""
+    diffs = []
+    for key in growable:
+        old_items = {_item_key(i): i for i in before.pop(key, None) or []}
+        for item in now.pop(key, None) or []:
+            name = _item_key(item)
+            if name in old_items and old_items[name] != item:
+                diffs += _differences(old_items[name], item, f"{key}[{name}].")
+    return diffs
+
+
+def check_same_config(path: str | Path, config, growable: tuple[str, ...] = ()) -> bool:
     """Refuse a run directory made with another config, naming every changed key. Cheap: a
-    trainer calls it before loading models, so a changed `--resume` fails at once."""
+    trainer calls it before loading models, so a changed `--resume` fails at once.
+
+    `growable` names top-level lists whose items are each their own work (an eval's models and
+    tasks, a compare's methods): a rerun may add items. Returns whether one of them changed, so
+    that the stored config is rewritten."""
     config_path = Path(path) / "config.yaml"
     if not config_path.is_file():
-        return
+        return False
     # config.yaml is stored redacted: compare it with the config redacted the same way.
-    diffs = _differences(yaml.safe_load(config_path.read_text()), redact_data(to_dict(config)))
+    before, now = yaml.safe_load(config_path.read_text()), redact_data(to_dict(config))
+    grown = isinstance(before, dict) and any(before.get(k) != now.get(k) for k in growable)
+    if isinstance(before, dict) and growable:
+        before, now = dict(before), dict(now)
+        diffs = _grown_differences(before, now, growable) + _differences(before, now)
+    else:
+        diffs = _differences(before, now)
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise ConfigError(
             f"{path} holds a run with another config: {shown}; "
             "use a new output_dir, or delete the old run to start over"
         )
+    return grown
 
 
 def read_manifest(path: Path) -> dict:
@@ -237,13 +268,16 @@ class RunDir:
     the others get the same object with writing switched off (and a logger that drops its
     lines). Every process makes the same read-only checks first, so all refuse together."""
 
-    def __init__(self, path: str | Path, *, command: str, config, inputs: list[str] = ()):
+    def __init__(
+        self, path: str | Path, *, command: str, config, inputs: list[str] = (),
+        growable: tuple[str, ...] = (),
+    ):  # fmt: skip
         from potstill.distributed import is_main_process
 
         self.path = check_output_dir(path, config, list(inputs))
         self.manifest_path = self.path / "manifest.json"
         # Read-only checks first: a refused rerun leaves the directory exactly as it was.
-        check_same_config(self.path, config)
+        grown = check_same_config(self.path, config, growable)
         described = [describe_input(s) for s in inputs]
         check_same_inputs(self.path, config, described)
         self.writer = is_main_process()
@@ -256,18 +290,18 @@ class RunDir:
             return
         self._lock = _lock_run_dir(self.path)
         try:
-            self._start(command, config, described)
+            self._start(command, config, described, rewrite_config=grown)
         except BaseException:
             self._release()
             raise
 
-    def _start(self, command: str, config, described: list[dict]) -> None:
+    def _start(self, command: str, config, described: list[dict], rewrite_config=False) -> None:
         if self.manifest_path.is_file():  # read first: a bad one is refused with nothing written
             self.manifest = read_manifest(self.manifest_path)
         else:
             self.manifest = {"command": command, "created": _now(), "attempts": [], "counts": {}}
         config_path = self.path / "config.yaml"
-        if not config_path.is_file():
+        if rewrite_config or not config_path.is_file():  # rewritten: a growable list changed
             atomic_write_text(config_path, dump_yaml(config))
         self.manifest["inputs"] = described
         self.manifest["versions"] = package_versions()

@@ -132,7 +132,9 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     out = Path(cfg.run.output_dir)
     train, held_out = _read_and_check(cfg)  # bad input fails before anything is written
     sources = [cfg.train, *(s.source for s in cfg.held_out)]
-    with RunDir(out, command="compare", config=cfg, inputs=sources) as run:
+    # Each method and held-out set is its own work: a rerun may add some (or leave some out).
+    grows = ("methods", "held_out")
+    with RunDir(out, command="compare", config=cfg, inputs=sources, growable=grows) as run:
         data = run.path / "data"
         write_records(data / "train.jsonl", train)
         for name, records in held_out.items():

@@ -133,7 +133,9 @@ def run_eval(
         for model in cfg.models:
             resolve_model_path(model.name)  # an unknown model fails here, before any work
     inputs = [t.source for t in cfg.tasks] + list(cfg.exclude)
-    with RunDir(out, command="eval", config=cfg, inputs=inputs) as run:
+    # Answers are kept per model and task, so a rerun may add models or tasks to the run.
+    grows = ("models", "tasks")
+    with RunDir(out, command="eval", config=cfg, inputs=inputs, growable=grows) as run:
         if shard is None:  # answers finished by shards of this output_dir are not redone
             import_shard_answers(cfg, run.path, tasks, console)
         costs = {}
