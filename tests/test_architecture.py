@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "potstill"
 LAYERS = (
-    ("errors", "paths", "redact"),
+    ("errors", "paths", "redact", "specs"),
     ("fsutil", "distributed", "config"),
     ("kit", "prompts", "runs", "losses"),
     ("data", "models", "doctor"),

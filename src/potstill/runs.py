@@ -29,6 +29,7 @@ from potstill.config import dump_yaml, to_dict
 from potstill.errors import ConfigError
 from potstill.fsutil import LockHeld, atomic_write_text, sha256_file, try_lock, unlock
 from potstill.redact import redact, redact_data
+from potstill.specs import mixture_parts
 
 LOCK = ".run.lock"
 """The run directory's lock file: held by the process writing the directory (it holds that
@@ -62,6 +63,11 @@ def package_versions() -> dict[str, str]:
 
 def describe_input(spec: str) -> dict:
     """What an input was, precisely enough to tell if it changed."""
+    parts = mixture_parts(spec)
+    if len(parts) > 1:  # a mixture changed when one of its parts did
+        described = [describe_input(part) for part in parts]
+        joined = "\0".join(json.dumps(d, sort_keys=True) for d in described)
+        return {"spec": spec, "sha256": hashlib.sha256(joined.encode()).hexdigest()}
     if spec.startswith("rg:"):
         return {
             "spec": spec,

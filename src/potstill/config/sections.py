@@ -18,7 +18,7 @@ from potstill.redact import add_secret
 MAX_SEED = 2**32
 """Seeds are in [0, 2**32): numpy's range, and the trainer seeds a torch generator with
 seed * 1000 + epoch, which a seed near 2**63 overflows mid-run."""
-SOURCE = "a .jsonl or .parquet file, a directory, or rg:TASK?size=N"
+SOURCE = "a .jsonl or .parquet file, a directory, rg:TASK?size=N, or a mixture A + B"
 
 
 def check_seed(seed: int) -> None:

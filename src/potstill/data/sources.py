@@ -5,7 +5,10 @@ A source spec is one of:
 - a directory: potstill shards (`part-*.jsonl`), a `datasets` `save_to_disk` folder (add
   `?split=NAME` for a DatasetDict), or a folder of .jsonl / .parquet files;
 - `rg:NAME?size=200&seed=1&...`: a reasoning-gym generator (extra keys go to its config;
-  `phrasing=wording|words` rewrites its questions, see `potstill.data.rephrase`).
+  `phrasing=wording|words` rewrites its questions, see `potstill.data.rephrase`);
+- a mixture, `SOURCE + SOURCE + ...` (a space on each side of the `+`): the records of each in
+  turn, e.g. `rg:basic_arithmetic?size=40&seed=1 + rg:gcd?size=20&seed=1`; ids must stay unique
+  across the parts (reasoning-gym's hold the task's name).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import yaml
 from potstill.data.records import validate_record
 from potstill.data.rephrase import check_style, rephrase
 from potstill.errors import DataError
+from potstill.specs import mixture_parts
 
 MAX_PROBLEMS_KEPT = 100
 RG_REJECTS = (TypeError, ValueError, AssertionError, KeyError, IndexError, AttributeError)
@@ -63,6 +67,11 @@ def _check_int(spec: str, params: dict, key: str, low: int | None = None) -> Non
 def iter_source(spec: str | Path) -> Iterator[tuple[str, object]]:
     """Yield (location, raw record) from any source; raise DataError if it can't be read."""
     spec = str(spec)
+    parts = mixture_parts(spec)
+    if len(parts) > 1:
+        for part in parts:
+            yield from iter_source(part)
+        return
     if spec.startswith("rg:"):
         yield from _iter_reasoning_gym(spec)
         return
