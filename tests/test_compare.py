@@ -78,6 +78,19 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
                 continue
             want = 0.5 if k.startswith("near") else 1 / 3
             assert row["cells"][k]["accuracy"] == pytest.approx(want), (row["model"], k)
+    # Held-out NLL: every student scores the teacher's verified, untruncated held-out answers.
+    from potstill.data.shards import read_shards
+
+    verified = sum(
+        1
+        for name in ("near", "far")
+        for r in read_shards(out / "eval" / "with_prompt" / "answers" / "teacher" / name)
+        if r["verified"] and r["finish_reason"] != "length"
+    )
+    assert table["rows"][0]["nll"] is None  # the teacher is not scored against itself
+    for row in table["rows"][1:]:
+        pooled = row["nll"]["pooled"]
+        assert pooled["answers"] == verified and pooled["nll"] > 0, row["model"]
     assert (out / "compare.md").read_text().startswith("| model | steps |")
     assert json.loads((out / "compare.json").read_text())["budget"]["max_steps"] == 1
     assert (out / "compare.html").read_text().count("<img src='data:image/png;base64,") == 1

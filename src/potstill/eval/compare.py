@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from potstill.eval.results import slug
 from potstill.fsutil import atomic_write_text
 
 BASELINE = "student (before)"
@@ -94,7 +95,7 @@ def compare_table(path: Path, cfg, methods: list[Method]) -> dict:
             if cell and base and label not in ("teacher", BASELINE):
                 cell = {**cell, "inside_noise": inside_noise(cell, base)}
             cells[f"{name}/{variant}"] = cell
-        row = {"model": label, "cells": cells}
+        row = {"model": label, "cells": cells, "nll": _nll(path, label)}
         if method is not None:
             row["failed"] = method.failed
             row["training"] = _training(method, params) if method.failed is None else None
@@ -117,6 +118,23 @@ def compare_table(path: Path, cfg, methods: list[Method]) -> dict:
     }  # fmt: skip
     table["markdown"] = markdown(table)
     return table
+
+
+def _nll(path: Path, label: str) -> dict | None:
+    """{set: {nll, stderr, answers}, "pooled": ...} from nll/LABEL.json (stages/compare.py), or
+    None. Pooled: the answer-weighted mean of the sets, its s.e. sqrt(Σ (n_i/N)² se_i²)."""
+    file = path / "nll" / f"{slug(label)}.json"
+    if not file.is_file():
+        return None
+    sets = json.loads(file.read_text())
+    scored = [v for v in sets.values() if v["answers"] and v["nll"] is not None]
+    total = sum(v["answers"] for v in scored)
+    pooled = None
+    if total:
+        mean = sum(v["nll"] * v["answers"] for v in scored) / total
+        var = sum((v["answers"] / total) ** 2 * (v["stderr"] or 0.0) ** 2 for v in scored)
+        pooled = {"nll": mean, "stderr": math.sqrt(var), "answers": total}
+    return {**sets, "pooled": pooled}
 
 
 def _teacher_seconds(path: Path) -> tuple[float, float]:
@@ -145,8 +163,10 @@ def markdown(table: dict) -> str:
     ]
     keys = [f"{c['set']}/{c['variant']}" for c in table["columns"]]
     lines = [
-        "| model | steps | train tokens | train s | ≈ FLOPs | " + " | ".join(heads) + " |",
-        "|---" * (5 + len(heads)) + "|",
+        "| model | steps | train tokens | train s | ≈ FLOPs | held-out NLL | "
+        + " | ".join(heads)
+        + " |",
+        "|---" * (6 + len(heads)) + "|",
     ]
     for row in table["rows"]:
         t = row.get("training") or {}
@@ -155,14 +175,18 @@ def markdown(table: dict) -> str:
         if row.get("failed"):
             train = ["failed", row["failed"][:40], "—"]
         cells = [_cell(row["cells"].get(k)) for k in keys]
-        lines.append(f"| {row['model']} | " + " | ".join([*train, flops, *cells]) + " |")
+        pooled = (row.get("nll") or {}).get("pooled")
+        nll = f"{pooled['nll']:.3f} ± {pooled['stderr']:.3f}" if pooled else "—"
+        lines.append(f"| {row['model']} | " + " | ".join([*train, flops, nll, *cells]) + " |")
     b, tc = table["budget"], table["teacher_compute"]
     lines += [
         "",
         f"Budget: {b['max_steps']} optimizer steps of {b['micro_batch_size']} × {b['grad_accum']} "
         "sequences for every method. ± is one standard error; ~ marks a difference from the "
         f"untrained student inside the noise (< {NOISE_Z:g} combined s.e.). FLOPs ≈ 6 · params · "
-        "target tokens trained on (sampling and teacher forwards not included). Teacher: "
+        "target tokens trained on (sampling and teacher forwards not included). Held-out NLL: "
+        "mean −log p per token of the teacher's verified held-out answers (every set, with the "
+        "training prompt), ± s.e. across answers; lower is closer to the teacher. Teacher: "
         f"{tc['seconds']} s of traces and cache (≈ ${tc['usd']}).",
     ]
     return "\n".join(lines)

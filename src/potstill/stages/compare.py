@@ -42,7 +42,7 @@ from potstill.config.sections import (
 )
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, PotstillError
-from potstill.eval.compare import Method, compare_table, write_tables
+from potstill.eval.compare import BASELINE, Method, compare_table, write_tables
 from potstill.eval.config import CostConfig, EvalTask, HeldOutSet, eval_model
 from potstill.eval.tasks import normal_question
 from potstill.fsutil import atomic_write_text
@@ -147,6 +147,9 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
             methods.append(_train_method(cfg, name, run.path, kept, console))
         with run.timed("eval"):
             _evaluate(cfg, run.path, methods, console)
+        if cfg.eval_teacher:
+            with run.timed("nll"):
+                _held_out_nll(cfg, run.path, methods, console)
         table = compare_table(run.path, cfg, methods)
         write_tables(run.path, table)
         page = render_compare(table, title=f"{cfg.student.name} taught by {cfg.teacher.name}")
@@ -317,6 +320,40 @@ def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) ->
             ),
             console,
         )  # fmt: skip
+
+
+def _held_out_nll(cfg: CompareConfig, path: Path, methods: list[Method], console) -> None:
+    """Each student's NLL of the teacher's verified held-out answers (with the training prompt),
+    per set, into nll/LABEL.json; a label already there is not scored again."""
+    from potstill.data.shards import read_shards
+    from potstill.eval.nll import answer_nlls, summarise
+    from potstill.eval.results import answers_dir, slug
+    from potstill.models import load_model, load_tokenizer
+
+    answers = {
+        s.name: [
+            r for r in read_shards(answers_dir(path / "eval" / "with_prompt", "teacher", s.name))
+            if r.get("verified") and r.get("finish_reason") != "length"
+        ]
+        for s in cfg.held_out
+    }  # fmt: skip
+    system = cfg.decoding.system_prompt
+    students = [(BASELINE, cfg.student.name)]
+    students += [(m.name, str(m.final)) for m in methods if m.failed is None]
+    tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
+    for label, name in students:
+        out = path / "nll" / f"{slug(label)}.json"
+        if out.is_file():
+            continue
+        console.print(f"held-out NLL of the teacher's answers under {label}")
+        model = load_model(name, dtype=cfg.student.dtype, device=cfg.student.device).eval()
+        scores = {
+            set_name: summarise(answer_nlls(model, tokenizer, records, system, batch_size=4))
+            for set_name, records in answers.items()
+        }
+        del model
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(scores, indent=2) + "\n")
 
 
 def load_summary(path: str | Path) -> dict:
