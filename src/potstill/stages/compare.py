@@ -8,7 +8,9 @@ test transfer, at the same student budget.
 2. One student per method, each the existing stage underneath, each in its own run directory
    under `methods/`, every one with the same optimizer steps (`budget.max_steps`):
    sft (SFT on the traces), logit (the teacher's top-k cache over the same traces, distill with
-   the hard+soft mix), on_policy (GKD: the student samples, the teacher scores), and
+   the hard+soft mix), logit_soft (the same cache, soft targets alone: Hinton's soft-vs-hard
+   check against sft, which learns the teacher's argmax text), on_policy (GKD: the student
+   samples, the teacher scores), and
    sft_then_on_policy (half the steps SFT, then on-policy from that student).
 3. Every student, the student before training and (optionally) the teacher answer every held-out
    set, with the training system prompt and without it.
@@ -48,10 +50,15 @@ from potstill.eval.tasks import normal_question
 from potstill.fsutil import atomic_write_text
 from potstill.report.compare_page import render_compare
 from potstill.runs import RunDir
-from potstill.train.kd_config import DistillTeacherConfig, KDLossConfig, OnPolicyConfig
+from potstill.train.kd_config import (
+    DistillTeacherConfig,
+    KDLossConfig,
+    KDRatioConfig,
+    OnPolicyConfig,
+)
 
-METHODS = ("sft", "logit", "on_policy", "sft_then_on_policy")
-MethodName = Literal["sft", "logit", "on_policy", "sft_then_on_policy"]
+METHODS = ("sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy")
+MethodName = Literal["sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy"]
 
 
 @dataclass
@@ -241,6 +248,12 @@ def _sft(cfg, out: Path, kept: str, console, steps: int | None = None) -> list[P
     return [out]
 
 
+def _logit_soft(cfg, out: Path, kept: str, console) -> list[Path]:
+    """The logit method with α = 1: soft targets only, no hard-label term."""
+    soft = replace(cfg.loss, kd_ratio=KDRatioConfig(strategy="fixed", value=1.0))
+    return _logit(replace(cfg, loss=soft), out, kept, console)
+
+
 def _logit(cfg, out: Path, kept: str, console) -> list[Path]:
     from potstill.stages.distill import DistillConfig, run_distill
     from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
@@ -285,6 +298,7 @@ def _sft_then_on_policy(cfg, out: Path, kept: str, console) -> list[Path]:
 METHOD_TRAINERS = {
     "sft": _sft,
     "logit": _logit,
+    "logit_soft": _logit_soft,
     "on_policy": _on_policy,
     "sft_then_on_policy": _sft_then_on_policy,
 }
