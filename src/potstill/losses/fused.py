@@ -149,9 +149,20 @@ def compiled_dense_chunk():
 _compile_failed = False
 
 
+class CompileFailed(RuntimeError):
+    """torch.compile failed; the process stays eager from now on (`compile_failed()`)."""
+
+
+def compile_failed() -> bool:
+    """Whether torch.compile already failed in this process (callers then plan eager)."""
+    return _compile_failed
+
+
 def run_dense_chunk(*args, compile: bool):
     """Run the kernel, compiled if asked. If compiling fails (no C++ compiler, unsupported
-    platform), warn once and stay eager for the rest of the process rather than retry per chunk."""
+    platform), warn once, stay eager for the rest of the process rather than retry per chunk, and
+    raise `CompileFailed`: the caller's chunks were cut and padded for the compiled kernel, so it
+    redoes its call with eager-sized ones."""
     global _compile_failed
     if compile and not _compile_failed:
         try:
@@ -161,4 +172,5 @@ def run_dense_chunk(*args, compile: bool):
             warnings.warn(
                 f"torch.compile failed ({type(exc).__name__}); using eager kernels", stacklevel=2
             )
+            raise CompileFailed(str(exc)) from exc
     return dense_chunk(*args)
