@@ -17,7 +17,7 @@ by autograd through its core, one chunk at a time (exact, slower, never compiled
 The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so
 ∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
 `compile=True` runs the kernel through `torch.compile`, which fuses these elementwise passes into a
-few loops: the whole loss ran 1.9× faster and in half the memory (benchmarks/kd_loss.py,
+few loops: the whole loss ran 1.9× faster and in half the memory (benchmarks/kd_loss.py --vs-trl,
 `compile_speedup`, Qwen sizes, 2 CPU cores); the eager kernel computes the same thing.
 """
 
