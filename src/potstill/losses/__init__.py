@@ -13,7 +13,7 @@ Divergences live in one registry (`potstill.losses.registry`): `divergence_names
 one (docs/losses.md, "Adding a divergence"). See docs/losses.md for every formula and its paper.
 """
 
-from potstill.losses.chunked import chunked_kd_loss, default_chunk_size
+from potstill.losses.chunked import chunk_rows, chunked_kd_loss, default_chunk_size
 from potstill.losses.divergences import (
     forward_kl,
     jsd,
@@ -51,6 +51,7 @@ __all__ = [
     "TeacherLogits",
     "TeacherTopK",
     "check_divergence",
+    "chunk_rows",
     "chunked_kd_loss",
     "count_target_tokens",
     "default_chunk_size",

@@ -9,10 +9,17 @@ teacher's projection when it is given as hidden states); everything else is elem
 
 The teacher is one of `TeacherLogits`, `TeacherHidden` (its logits are also made per chunk) or
 `TeacherTopK` (see `potstill.losses.plain`, which also holds the unchunked `kd_loss`).
+
+Chunk size: `chunk_rows(V)` rows, so that the [chunk, V] float32 buffers one chunk holds at its peak
+(`ROW_BUFFERS`) fit `CHUNK_BUDGET`, whatever the vocabulary. Compiled, every chunk has that shape
+(the last one padded with zero-weight rows), so torch.compile compiles once per (chunk, V) and not
+once per token count. Eager, a batch is cut into at least two chunks: plain PyTorch holds 7 or
+more [N, V] buffers, one eager chunk up to 13, so half the rows keeps eager under plain.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from potstill.losses.divergences import check_finite, check_shapes
-from potstill.losses.fused import autograd_kernel, run_dense_chunk
+from potstill.losses.fused import CompileFailed, autograd_kernel, compile_failed, run_dense_chunk
 from potstill.losses.plain import (
     KDLoss,
     Teacher,
@@ -45,6 +52,7 @@ __all__ = [
     "TeacherHidden",
     "TeacherLogits",
     "TeacherTopK",
+    "chunk_rows",
     "chunked_kd_loss",
     "default_chunk_size",
     "kd_loss",
@@ -84,14 +92,45 @@ def _dense_step(
     return loss, g, ce, soft, a
 
 
-def default_chunk_size(vocab_size: int, budget_bytes: int = 1 << 29) -> int:
-    """Rows per chunk (a power of two) so one (chunk, V) float32 tensor stays under `budget_bytes`.
+CHUNK_BUDGET = 1 << 30
+"""Bytes of [chunk, V] float32 buffers one chunk of the fused loss may hold at its peak (1 GiB).
+Fewer rows cost speed: at V = 151,936, H = 896 the three lm_head matmuls of a 64-row chunk ran
+~1.6x slower per row than those of a 512-row one, of a 128-row one ~1.2x (2 busy CPU cores)."""
+ROW_BUFFERS = 13
+"""[chunk, V] float32 buffers one chunk holds at its peak, the most measured over the paths:
+eager closed-form kernels 9 (forward KL, T = 1, teacher logits) to 13 (JSD or a skew KL at
+T != 1, teacher hidden states: logits, teacher logits, log q, q at T = 1 and at T, log p, p, the
+kernel's temporaries, the gradient); autograd kernels 10-12; top-k teachers 6-7; compiled 2-5,
+plus 2 padded copies in the last chunk."""
+ROW_MULTIPLE, MAX_ROWS = 16, 4096
 
-    512 MiB gives 512 rows for a 152k vocabulary: matmuls of fewer rows lose efficiency on CPU
-    (256 rows made the forward projection 30% slower), more rows only cost memory.
+
+def chunk_rows(
+    vocab_size: int, *, buffers: int = ROW_BUFFERS, budget_bytes: int = CHUNK_BUDGET
+) -> int:
+    """Rows per chunk of the fused loss: the most rows, a multiple of 16 in [16, 4096], with
+    rows × V × 4 bytes × `buffers` ≤ `budget_bytes`.
+
+    The defaults give 640 rows at V = 32,000, 416 at 49,152, 160 at 128,256, 128 at 151,936 and
+    64 at 262,144.
+    """
+    rows = budget_bytes // (vocab_size * 4 * buffers) // ROW_MULTIPLE * ROW_MULTIPLE
+    return min(max(rows, ROW_MULTIPLE), MAX_ROWS)
+
+
+def default_chunk_size(vocab_size: int, budget_bytes: int = 1 << 29) -> int:
+    """Rows (a power of two) so one (chunk, V) float32 tensor stays under `budget_bytes`.
+
+    For loops that hold about one such tensor per chunk (the teacher cache, the cross-vocabulary
+    losses); the fused loss sizes its chunks by `chunk_rows`, which counts all its buffers.
     """
     rows = max(budget_bytes // (4 * vocab_size), 16)
     return 1 << (rows.bit_length() - 1)
+
+
+def _eager_rows(chunk: int, rows: int) -> int:
+    """Rows per eager chunk: at most `chunk`, and at most half the batch (see the module doc)."""
+    return min(chunk, max(1, -(-rows // 2)))
 
 
 class _FusedKD(torch.autograd.Function):
@@ -226,8 +265,10 @@ def chunked_kd_loss(
     student_hidden: (..., H) already aligned with `labels` (...) (shift before calling);
     student_weight: (V, H). Same arguments and result as `kd_loss`. Dense teachers use the
     divergence's closed-form kernel (`potstill.losses.fused`), or autograd through its core where
-    its registry row has none; `compile` runs closed-form kernels through torch.compile (None =
-    when a chunk holds at least 4M logits, i.e. real vocabularies).
+    its registry row has none. `chunk_size` rows go through the lm_head at a time (None:
+    `chunk_rows(V)`, sized to `CHUNK_BUDGET`). `compile` runs closed-form kernels through
+    torch.compile, every chunk padded to `chunk_size` rows (None = when the batch fills at least
+    one chunk of at least 4M logits, i.e. real vocabularies).
     """
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -239,22 +280,41 @@ def chunked_kd_loss(
         raise ValueError(
             f"{hidden.shape[0]} hidden states but {labels.shape[0]} labels; align them"
         )
-    vocab = student_weight.shape[0]
-    chunk = max(1, min(chunk_size or default_chunk_size(vocab), hidden.shape[0]))
+    vocab, rows = student_weight.shape[0], hidden.shape[0]
+    chunk = chunk_size or chunk_rows(vocab)
     if not isinstance(teacher, TeacherTopK):
-        _check_dense_teacher(teacher, hidden.shape[0], vocab)
-    if compile is None:
-        compile = chunk * vocab >= 1 << 22
+        _check_dense_teacher(teacher, rows, vocab)
+    if compile is None:  # one fixed shape pays once a batch fills a chunk of a real vocabulary
+        compile = rows >= chunk and chunk * vocab >= 1 << 22
     # autograd.grad inside a compiled graph would break it: the autograd fallback stays eager.
-    compile = compile and row.kernel is not None
+    compile = compile and row.kernel is not None and not compile_failed()
+    eager_rows = chunk if chunk_size else _eager_rows(chunk, rows)
     mask = target_mask(labels, ignore_index)
-    plan = _Plan(labels, mask, teacher, n, row, bound, temperature, kd_ratio, tail, chunk, compile)
+    plan = _Plan(
+        labels,
+        mask,
+        teacher,
+        n,
+        row,
+        bound,
+        temperature,
+        kd_ratio,
+        tail,
+        chunk if compile else eager_rows,
+        compile,
+    )
     stats = {"ce": 0.0, "soft": 0.0, "kd_ratio": 0.0}
 
     def compute(needs_grad):
-        loss, grad_h, grad_w, grad_b = _run_chunks(
-            plan, stats, hidden, student_weight, student_bias, needs_grad
-        )
+        nonlocal plan
+        args = (stats, hidden, student_weight, student_bias, needs_grad)
+        try:
+            loss, grad_h, grad_w, grad_b = _run_chunks(plan, *args)
+        except CompileFailed:
+            # The chunks were cut and padded for the compiled kernel: redo the call eager.
+            plan = dataclasses.replace(plan, chunk=eager_rows, compile=False)
+            stats.update(ce=0.0, soft=0.0, kd_ratio=0.0)
+            loss, grad_h, grad_w, grad_b = _run_chunks(plan, *args)
         return (
             loss,
             grad_h.reshape(student_hidden.shape) if grad_h is not None else None,

@@ -17,7 +17,7 @@ by autograd through its core, one chunk at a time (exact, slower, never compiled
 The loss is Σ_t w_ce,t CE_t + w_soft,t T² D_t, so
 ∂/∂z = w_ce (softmax(z) − onehot) + w_soft T ∂D/∂s.
 `compile=True` runs the kernel through `torch.compile`, which fuses these elementwise passes into a
-few loops: the whole loss ran 1.9× faster and in half the memory (benchmarks/kd_loss.py,
+few loops: the whole loss ran 1.9× faster and in half the memory (benchmarks/kd_loss.py --vs-trl,
 `compile_speedup`, Qwen sizes, 2 CPU cores); the eager kernel computes the same thing.
 """
 
@@ -149,9 +149,20 @@ def compiled_dense_chunk():
 _compile_failed = False
 
 
+class CompileFailed(RuntimeError):
+    """torch.compile failed; the process stays eager from now on (`compile_failed()`)."""
+
+
+def compile_failed() -> bool:
+    """Whether torch.compile already failed in this process (callers then plan eager)."""
+    return _compile_failed
+
+
 def run_dense_chunk(*args, compile: bool):
     """Run the kernel, compiled if asked. If compiling fails (no C++ compiler, unsupported
-    platform), warn once and stay eager for the rest of the process rather than retry per chunk."""
+    platform), warn once, stay eager for the rest of the process rather than retry per chunk, and
+    raise `CompileFailed`: the caller's chunks were cut and padded for the compiled kernel, so it
+    redoes its call with eager-sized ones."""
     global _compile_failed
     if compile and not _compile_failed:
         try:
@@ -161,4 +172,5 @@ def run_dense_chunk(*args, compile: bool):
             warnings.warn(
                 f"torch.compile failed ({type(exc).__name__}); using eager kernels", stacklevel=2
             )
+            raise CompileFailed(str(exc)) from exc
     return dense_chunk(*args)

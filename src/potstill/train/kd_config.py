@@ -133,7 +133,8 @@ class KDLossConfig:
     tail: Literal["bucket", "renormalise"] = "bucket"
     """Offline top-k teacher: the mass outside the k tokens as one bucket, or renormalised away."""
     chunk_size: int | None = None
-    """Tokens per lm_head chunk of the fused loss (default: ~512 MiB of float32 logits)."""
+    """Tokens per lm_head chunk of the fused loss (default: as many as keep one chunk's float32
+    buffers within 1 GiB, `potstill.losses.chunk_rows`: 640 at V = 32k, 128 at V = 152k)."""
     cross_tokenizer: CrossTokenizerConfig | None = None
     """Teacher and student with different vocabularies (online mode): the answer's two
     tokenizations are aligned by characters and compared by ULD or the hybrid loss, e.g.
