@@ -99,6 +99,21 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
     assert [r["cells"] for r in again["rows"]] == [r["cells"] for r in table["rows"]]
     attempts = json.loads((out / "methods" / "sft" / "manifest.json").read_text())["attempts"]
     assert len(attempts) == 3
+    # A second seed grows the run: each method trains once more, seed 0's students stay.
+    seeded = load_config(
+        CompareConfig, overrides=[*_overrides(tiny_model_dir, tmp_path), "seeds=[0, 7]"]
+    )
+    grown = run_compare(seeded, Console(quiet=True))
+    assert (
+        out / "methods" / "sft" / "final" / "adapter_model.safetensors"
+    ).read_bytes() == sft_final
+    other = (out / "methods" / "sft-seed-7" / "final" / "adapter_model.safetensors").read_bytes()
+    assert other != sft_final  # the seed reached LoRA's initialisation
+    assert [r.get("seeds") for r in grown["rows"]] == [None, None, [0, 7], [0, 7]]
+    cell = grown["rows"][2]["cells"]["near/with_prompt"]
+    assert cell["per_seed"] == [0.5, 0.5] and cell["sd"] == 0.0
+    assert cell["stderr"] == pytest.approx((0.5 * 0.5 / 4) ** 0.5)
+    assert "trained with 2 seeds ([0, 7])" in grown["markdown"]
 
 
 @pytest.mark.parametrize(
@@ -107,6 +122,9 @@ def test_compare_trains_each_method_on_one_budget_and_fills_every_cell(tiny_mode
         (["methods=[sft, distil]"], "methods[1]: 'distil' is not one of"),
         (["held_out=[]"], "held_out: empty; list at least one held-out set"),
         (["budget.max_steps=null"], "budget.max_steps: required"),
+        (["seeds=[]"], "seeds: empty; give at least one training seed"),
+        (["seeds=[3, 3]"], "seeds: each once, got [3, 3]"),
+        (["seeds=[-1]"], "seed: must be in [0, 2**32), got -1"),
     ],
 )
 def test_bad_configs_are_refused(tiny_model_dir, tmp_path, extra, message):

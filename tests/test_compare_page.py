@@ -91,3 +91,20 @@ def test_chromium_draws_the_figure(tmp_path):
     region = screen[y : y + int(img["ch"]), x : x + int(img["cw"])]
     assert (region.min(axis=2) < 200).mean() > 0.01  # axes, labels, markers
     assert (region.max(axis=2) - region.min(axis=2) > 60).mean() > 0.002  # coloured series
+
+
+def test_several_seeds_give_mean_and_sd_and_widen_the_noise():
+    from potstill.eval.compare import _over_seeds, inside_noise
+
+    cells = [{"accuracy": a, "n": 20, "correct": a * 20, "stderr": 0.1} for a in (0.5, 0.6, 0.7)]
+    cell = _over_seeds(cells)
+    assert cell["accuracy"] == pytest.approx(0.6) and cell["sd"] == pytest.approx(0.1)
+    assert cell["correct"] == pytest.approx(12.0) and cell["per_seed"] == [0.5, 0.6, 0.7]
+    assert cell["stderr"] == pytest.approx((0.6 * 0.4 / 20 + 0.01 / 3) ** 0.5)
+    # 0.6 vs 0.35 on 100 questions: outside the noise by the binomial s.e. alone (2 x 0.068 =
+    # 0.137 < 0.25), inside once three seeds spread 0.4-0.8 (2 x 0.134 = 0.268 > 0.25).
+    base = {"accuracy": 0.35, "n": 100}
+    spread = [{"accuracy": a, "n": 100, "correct": a * 100} for a in (0.4, 0.6, 0.8)]
+    assert not inside_noise({"accuracy": 0.6, "n": 100}, base)
+    assert inside_noise(_over_seeds(spread), base)
+    assert _over_seeds([cells[0], None]) == cells[0] and _over_seeds([None]) is None

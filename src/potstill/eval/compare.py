@@ -5,6 +5,10 @@ which differences from the untrained student are inside the noise.
 Standard error of an accuracy p over n questions: sqrt(p (1 − p) / n). A difference d between two
 models is "inside the noise" when |d| < 2 · sqrt(se₁² + se₂²) (about a 95% interval; the two
 evals share their questions, so this is conservative).
+
+A method trained with several seeds shows the mean accuracy over its seeds ± their sample sd;
+its noise is then sqrt(p̄ (1 − p̄) / n + sd² / k) over k seeds (the questions' sampling error,
+which more seeds on the same questions do not shrink, plus the seeds' own spread).
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ class Method:
     runs: list[Path] = field(default_factory=list)
     """Run directories the method wrote, in order; the last one's final/ is the student."""
     failed: str | None = None
+    seed: int = 0
+    label: str = ""
+    """Its models' name in the evals: the method's name for the first seed."""
+
+    def __post_init__(self):
+        self.label = self.label or self.name
 
     @property
     def final(self) -> Path:
@@ -40,7 +50,7 @@ def stderr(p: float, n: int) -> float:
 
 def inside_noise(a: dict, b: dict) -> bool:
     """Whether accuracies a and b ({accuracy, n}) differ by less than NOISE_Z combined s.e."""
-    se = math.hypot(stderr(a["accuracy"], a["n"]), stderr(b["accuracy"], b["n"]))
+    se = math.hypot(*(c.get("stderr", stderr(c["accuracy"], c["n"])) for c in (a, b)))
     difference = abs(a["accuracy"] - b["accuracy"])
     return difference == 0 or difference < NOISE_Z * se
 
@@ -84,21 +94,26 @@ def compare_table(path: Path, cfg, methods: list[Method]) -> dict:
     variants = sorted({v for _, _, v in results}, key=lambda v: v != "with_prompt")
     columns = [(s.name, s.kind, v) for s in cfg.held_out for v in variants]
     params = next((r["params"] for (m, _, _), r in results.items() if m == BASELINE), None)
-    labels = [*(["teacher"] if cfg.eval_teacher else []), BASELINE, *(m.name for m in methods)]
+    names = list(dict.fromkeys(m.name for m in methods))
+    labels = [*(["teacher"] if cfg.eval_teacher else []), BASELINE, *names]
     rows = []
     for label in labels:
-        method = next((m for m in methods if m.name == label), None)
+        group = [m for m in methods if m.name == label] or None
         cells = {}
         for name, _, variant in columns:
-            cell = results.get((label, name, variant))
+            seeds = [m.label for m in group if m.failed is None] if group else [label]
+            cell = _over_seeds([results.get((s, name, variant)) for s in seeds])
             base = results.get((BASELINE, name, variant))
-            if cell and base and label not in ("teacher", BASELINE):
+            if cell and base and group:
                 cell = {**cell, "inside_noise": inside_noise(cell, base)}
             cells[f"{name}/{variant}"] = cell
-        row = {"model": label, "cells": cells, "nll": _nll(path, label)}
-        if method is not None:
-            row["failed"] = method.failed
-            row["training"] = _training(method, params) if method.failed is None else None
+        row = {"model": label, "cells": cells}
+        row["nll"] = _nll_over_seeds(path, [m.label for m in group] if group else [label])
+        if group is not None:
+            trained = [m for m in group if m.failed is None]
+            row["seeds"] = [m.seed for m in trained]
+            row["failed"] = next((m.failed for m in group if m.failed is not None), None)
+            row["training"] = _training(trained[0], params) if trained else None
         rows.append(row)
     traces_s, cache_s = _teacher_seconds(path)
     teacher_s = round(traces_s + cache_s, 1)
@@ -112,12 +127,48 @@ def compare_table(path: Path, cfg, methods: list[Method]) -> dict:
             "micro_batch_size": cfg.budget.micro_batch_size,
             "grad_accum": cfg.budget.grad_accum,
         },
+        "seeds": list(getattr(cfg, "seeds", [0])),
         "columns": [{"set": n, "kind": k, "variant": v} for n, k, v in columns],
         "rows": rows,
         "teacher_compute": teacher,
     }  # fmt: skip
     table["markdown"] = markdown(table)
     return table
+
+
+def _over_seeds(cells: list[dict | None]) -> dict | None:
+    """One seed's cell as it is; several seeds' cells as their mean ± sd (module docstring)."""
+    cells = [c for c in cells if c]
+    if len(cells) <= 1:
+        return cells[0] if cells else None
+    k, n = len(cells), cells[0]["n"]
+    accuracies = [c["accuracy"] for c in cells]
+    mean = sum(accuracies) / k
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (k - 1))
+    return {
+        **cells[0], "accuracy": mean, "correct": sum(c["correct"] for c in cells) / k,
+        "stderr": math.sqrt(mean * (1 - mean) / n + sd**2 / k), "sd": sd,
+        "per_seed": accuracies,
+    }  # fmt: skip
+
+
+def _nll_over_seeds(path: Path, labels: list[str]) -> dict | None:
+    """The held-out NLL of one seed's student; with several, each set's and the pooled NLL is
+    the mean over seeds, with "sd" their spread and "stderr" the mean's answer s.e."""
+    found = [n for n in (_nll(path, label) for label in labels) if n is not None]
+    if len(found) <= 1:
+        return found[0] if found else None
+    out = {}
+    for key, first in found[0].items():
+        vals = [f[key] for f in found if f.get(key) and f[key].get("nll") is not None]
+        if not vals or first is None:
+            out[key] = first
+            continue
+        mean = sum(v["nll"] for v in vals) / len(vals)
+        sd = math.sqrt(sum((v["nll"] - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))
+        se = sum(v["stderr"] or 0.0 for v in vals) / len(vals)
+        out[key] = {"nll": mean, "stderr": se, "sd": sd, "answers": first["answers"]}
+    return out
 
 
 def _nll(path: Path, label: str) -> dict | None:
@@ -154,6 +205,8 @@ def _cell(cell: dict | None) -> str:
     if not cell:
         return "—"
     text = f"{cell['accuracy']:.1%} ± {cell['stderr']:.1%}"
+    if "sd" in cell:
+        text += f" (sd {cell['sd']:.1%})"
     return text + (" ~" if cell.get("inside_noise") else "")
 
 
@@ -189,6 +242,12 @@ def markdown(table: dict) -> str:
         "training prompt), ± s.e. across answers; lower is closer to the teacher. Teacher: "
         f"{tc['seconds']} s of traces and cache (≈ ${tc['usd']}).",
     ]
+    if len(table.get("seeds", [])) > 1:
+        lines.append(
+            f"Every method trained with {len(table['seeds'])} seeds ({table['seeds']}): a cell "
+            "is the mean over seeds ± sqrt(p̄(1 − p̄)/n + sd²/k), with the seeds' sd; training "
+            "columns are the first seed's."
+        )
     return "\n".join(lines)
 
 

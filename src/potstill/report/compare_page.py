@@ -48,7 +48,7 @@ def method_seconds(table: dict, row: dict) -> float | None:
     if not training:
         return None
     teacher = table["teacher_compute"]
-    extra = teacher.get("cache_s", 0.0) if row["model"] == "logit" else 0.0
+    extra = teacher.get("cache_s", 0.0) if row["model"] in ("logit", "logit_soft") else 0.0
     return training["seconds"] + teacher.get("traces_s", 0.0) + extra
 
 

@@ -5,8 +5,9 @@ test transfer, at the same student budget.
 
 1. The teacher answers the training questions once; its verified traces (curated, shortest per
    question) are what every method learns from.
-2. One student per method, each the existing stage underneath, each in its own run directory
-   under `methods/`, every one with the same optimizer steps (`budget.max_steps`):
+2. One student per method (and training seed), each the existing stage underneath
+   (stages/compare_methods.py), each in its own run directory under `methods/`, every one with
+   the same optimizer steps (`budget.max_steps`):
    sft (SFT on the traces), logit (the teacher's top-k cache over the same traces, distill with
    the hard+soft mix), logit_soft (the same cache, soft targets alone: Hinton's soft-vs-hard
    check against sft, which learns the teacher's argmax text), on_policy (GKD: the student
@@ -38,9 +39,9 @@ from potstill.config.sections import (
     LoraConfig,
     ModelConfig,
     RunConfig,
-    SFTDataConfig,
     TrainConfig,
     check_given,
+    check_seed,
 )
 from potstill.data import read_records, write_records
 from potstill.errors import ConfigError, PotstillError
@@ -50,12 +51,8 @@ from potstill.eval.tasks import normal_question
 from potstill.fsutil import atomic_write_text
 from potstill.report.compare_page import render_compare
 from potstill.runs import RunDir
-from potstill.train.kd_config import (
-    DistillTeacherConfig,
-    KDLossConfig,
-    KDRatioConfig,
-    OnPolicyConfig,
-)
+from potstill.stages.compare_methods import train_method
+from potstill.train.kd_config import KDLossConfig, OnPolicyConfig
 
 METHODS = ("sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy")
 MethodName = Literal["sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy"]
@@ -109,6 +106,10 @@ class CompareConfig:
     """GKD's λ and the student's sampling."""
     cache_k: int = 64
     """Top-k of the teacher cache the logit method distils from."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds (data order, LoRA init, dropout, sampling; each sets budget.seed): one
+    student per method and seed. With several, the table gives each method's mean ± sd over
+    seeds; use ≥ 3 where methods differ by little."""
     cost: CostConfig = field(default_factory=CostConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/compare"))
 
@@ -132,6 +133,10 @@ class CompareConfig:
             "budget.max_steps: sft_then_on_policy splits the steps in two; give at least 2",
         )
         check(self.cache_k > 0, f"cache_k: must be > 0, got {self.cache_k}")
+        check(bool(self.seeds), "seeds: empty; give at least one training seed, e.g. [0]")
+        check(len(set(self.seeds)) == len(self.seeds), f"seeds: each once, got {self.seeds}")
+        for seed in self.seeds:
+            check_seed(seed)
 
 
 def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
@@ -140,7 +145,7 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     train, held_out = _read_and_check(cfg)  # bad input fails before anything is written
     sources = [cfg.train, *(s.source for s in cfg.held_out)]
     # Each method and held-out set is its own work: a rerun may add some (or leave some out).
-    grows = ("methods", "held_out")
+    grows = ("methods", "held_out", "seeds")
     with RunDir(out, command="compare", config=cfg, inputs=sources, growable=grows) as run:
         data = run.path / "data"
         write_records(data / "train.jsonl", train)
@@ -150,8 +155,9 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
             kept = _teacher_traces(cfg, run.path, console)
         methods = []
         for name in cfg.methods:
-            console.rule(f"[bold]method {name}")
-            methods.append(_train_method(cfg, name, run.path, kept, console))
+            for seed in cfg.seeds:
+                console.rule(f"[bold]method {name}, seed {seed}")
+                methods.append(train_method(cfg, name, seed, run.path, kept, console))
         with run.timed("eval"):
             _evaluate(cfg, run.path, methods, console)
         if cfg.eval_teacher:
@@ -221,89 +227,6 @@ def _teacher_traces(cfg: CompareConfig, path: Path, console) -> str:
     return str(kept)
 
 
-def _train_method(cfg: CompareConfig, name: str, path: Path, kept: str, console) -> Method:
-    """Train one student; a failure is recorded (and reported), not raised."""
-    out = path / "methods" / name
-    try:
-        runs = METHOD_TRAINERS[name](cfg, out, kept, console)
-    except Exception as exc:  # noqa: BLE001 - one method's failure must not stop the others
-        console.print(f"[red]method {name} failed[/]: {exc}")
-        return Method(name, out, [], failed=f"{type(exc).__name__}: {exc}")
-    return Method(name, out, runs)
-
-
-def _data(cfg: CompareConfig, kept: str) -> SFTDataConfig:
-    return SFTDataConfig(source=kept, system_prompt=cfg.decoding.system_prompt)
-
-
-def _run_cfg(cfg: CompareConfig, out: Path) -> RunConfig:
-    return RunConfig(output_dir=str(out), log_with=cfg.run.log_with)
-
-
-def _sft(cfg, out: Path, kept: str, console, steps: int | None = None) -> list[Path]:
-    from potstill.stages.sft import SFTConfig, run_sft
-
-    train = replace(cfg.budget, max_steps=steps or cfg.budget.max_steps)
-    run_sft(SFTConfig(cfg.student, _data(cfg, kept), train, _run_cfg(cfg, out)), console)
-    return [out]
-
-
-def _logit_soft(cfg, out: Path, kept: str, console) -> list[Path]:
-    """The logit method with α = 1: soft targets only, no hard-label term."""
-    soft = replace(cfg.loss, kd_ratio=KDRatioConfig(strategy="fixed", value=1.0))
-    return _logit(replace(cfg, loss=soft), out, kept, console)
-
-
-def _logit(cfg, out: Path, kept: str, console) -> list[Path]:
-    from potstill.stages.distill import DistillConfig, run_distill
-    from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
-
-    cache = out.parent.parent / "teacher-cache"
-    run_teacher_cache(
-        TeacherCacheConfig(
-            teacher=replace(cfg.teacher, lora=None), data=_data(cfg, kept), k=cfg.cache_k,
-            temperature=cfg.loss.temperature, max_seq_len=cfg.budget.max_seq_len,
-            run=_run_cfg(cfg, cache),
-        ),
-        console,
-    )  # fmt: skip
-    teacher = DistillTeacherConfig(model=cfg.teacher, mode="offline", cache=str(cache))
-    distill = DistillConfig(cfg.student, teacher, cfg.loss, _data(cfg, kept), cfg.budget)
-    run_distill(replace(distill, run=_run_cfg(cfg, out)), console)
-    return [cache, out]
-
-
-def _on_policy(cfg, out: Path, kept: str, console, student=None, steps=None) -> list[Path]:
-    from potstill.stages.distill import DistillConfig, run_distill
-
-    teacher = DistillTeacherConfig(model=cfg.teacher, mode="on_policy", on_policy=cfg.on_policy)
-    train = replace(cfg.budget, max_steps=steps or cfg.budget.max_steps)
-    distill = DistillConfig(
-        student or cfg.student, teacher, cfg.on_policy_loss, _data(cfg, kept), train,
-        _run_cfg(cfg, out),
-    )  # fmt: skip
-    run_distill(distill, console)
-    return [out]
-
-
-def _sft_then_on_policy(cfg, out: Path, kept: str, console) -> list[Path]:
-    first = cfg.budget.max_steps // 2
-    _sft(cfg, out / "sft", kept, console, steps=first)
-    student = replace(cfg.student, name=str(out / "sft" / "final"))
-    second = cfg.budget.max_steps - first
-    _on_policy(cfg, out / "on_policy", kept, console, student=student, steps=second)
-    return [out / "sft", out / "on_policy"]
-
-
-METHOD_TRAINERS = {
-    "sft": _sft,
-    "logit": _logit,
-    "logit_soft": _logit_soft,
-    "on_policy": _on_policy,
-    "sft_then_on_policy": _sft_then_on_policy,
-}
-
-
 def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) -> None:
     """Every model on every held-out set, with the training system prompt and (optionally)
     without; each variant one resumable eval run."""
@@ -314,7 +237,7 @@ def _evaluate(cfg: CompareConfig, path: Path, methods: list[Method], console) ->
         models.insert(0, eval_model(cfg.teacher, "teacher", "teacher"))
     for m in methods:
         if m.failed is None:
-            models.append(eval_model(cfg.student, m.name, "student", name=str(m.final)))
+            models.append(eval_model(cfg.student, m.label, "student", name=str(m.final)))
     tasks = [
         EvalTask(source=str(path / "data" / f"held-out-{s.name}.jsonl"), name=s.name)
         for s in cfg.held_out
@@ -353,7 +276,7 @@ def _held_out_nll(cfg: CompareConfig, path: Path, methods: list[Method], console
     }  # fmt: skip
     system = cfg.decoding.system_prompt
     students = [(BASELINE, cfg.student.name)]
-    students += [(m.name, str(m.final)) for m in methods if m.failed is None]
+    students += [(m.label, str(m.final)) for m in methods if m.failed is None]
     tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
     for label, name in students:
         out = path / "nll" / f"{slug(label)}.json"

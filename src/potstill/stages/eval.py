@@ -141,7 +141,8 @@ def run_eval(
         costs = {}
         for model in cfg.models:
             if tasks:  # a shard may hold none of the questions: then no model is loaded
-                costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
+                with run.timed(f"eval {model.label}"):  # the manifest says where time went
+                    costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
         report = collect_results(cfg, run, costs, tasks)
         if shard is not None:
             report["shard"] = str(shard)  # this shard's questions only
