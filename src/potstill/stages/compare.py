@@ -154,8 +154,8 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
         with run.timed("traces"):
             kept = _teacher_traces(cfg, run.path, console)
         methods = []
-        for name in cfg.methods:
-            for seed in cfg.seeds:
+        for seed in cfg.seeds:  # seed by seed: a run cut short still compares every method
+            for name in cfg.methods:
                 console.rule(f"[bold]method {name}, seed {seed}")
                 methods.append(train_method(cfg, name, seed, run.path, kept, console))
         with run.timed("eval"):

@@ -43,6 +43,11 @@ from potstill.stages.quickstart_table import print_summary, summarise
 from potstill.stages.sft import SFTConfig, run_sft
 
 TASK = "rg:basic_arithmetic?min_terms=2&max_terms=4&min_digits=1&max_digits=2"
+PRODUCTS = "rg:products?min_terms=2&max_terms=2&min_digits=1&max_digits=2"
+MIX = f"{TASK}&size=48&seed=1 + {PRODUCTS}&size=32&seed=100000"
+"""The training mixture: two arithmetic families, sums and differences of 2-4 terms (48) and
+two-factor products (32) — the operation the single-family quickstart never practised."""
+HELD_OUT = f"{TASK}&size=40&seed=10000 + {PRODUCTS}&size=20&seed=134000"
 
 
 TRANSFER = (
@@ -59,23 +64,25 @@ TRANSFER = (
         "other_family",
     ),
     HeldOutSet(
-        "products",
-        "rg:products?size=20&seed=30000&min_terms=2&max_terms=2&min_digits=1&max_digits=2",
+        "decimal_chain_sum",
+        "rg:decimal_chain_sum?size=20&seed=70000&min_terms=2&max_terms=3&max_digits=2"
+        "&max_decimal_places=1",
         "other_family",
     ),
 )
 """The default transfer sets: the same problems reworded and in words (potstill.data.rephrase),
-and two families never trained on (the held-out sets of configs/compare-cpu.yaml)."""
+and two families never trained on that need the same skill: integer chains written as
+chain_sum writes them, and sums of one-decimal numbers."""
 
 
 @dataclass
 class QuickstartData:
-    train: str = f"{TASK}&size=80&seed=1"
+    train: str = MIX
     """Questions the teacher answers and the student learns from."""
-    eval: str = f"{TASK}&size=60&seed=10000"
+    eval: str = HELD_OUT
     """Held-out questions for every model. reasoning-gym draws item i from seed + i, so seeds
     closer than the sizes share questions: keep them far apart (shared ones leave training)."""
-    task_name: str = "basic_arithmetic"
+    task_name: str = "arithmetic"
     """Name of the task in tables and the report."""
     transfer: list[HeldOutSet] = field(default_factory=lambda: list(TRANSFER))
     """More held-out sets the student answers before and after, reported apart from the trained
