@@ -153,3 +153,34 @@ def test_the_real_pair_shares_a_fingerprint():
     teacher = load_tokenizer("qwen2.5-coder-1.5b-instruct")
     assert student.chat_template != teacher.chat_template
     assert tokenizer_fingerprint(student) == tokenizer_fingerprint(teacher)
+
+
+def test_stage_with_tail_temperatures_reads_re_tempered_and_warns_per_temperature(
+    tiny_model_dir, records_file, tmp_path
+):
+    out = tmp_path / "run"
+    console = Console(file=io.StringIO(), width=400)
+    cfg = stage_config(tiny_model_dir, records_file, out, tail_temperatures=[2.0])
+    counts = run_teacher_cache(cfg, console)
+    cache = open_cache(out)
+    assert cache.temperatures() == [1.0, 2.0]
+    # the reported softened tail is the one the re-tempered rows leave outside the top k
+    implied = [1 - cache.get(rid, 2.0).log_probs.double().exp().sum(-1) for rid in cache.ids()]
+    mean = float(torch.cat(implied).mean())
+    assert counts["tail_mass_mean_t2"] == pytest.approx(mean, rel=2e-3, abs=1e-4)
+    assert counts["tail_mass_mean_t2"] > counts["tail_mass_mean"]  # softening fattens the tail
+    said = console.file.getvalue()
+    assert (
+        f"miss {counts['tail_mass_mean_t2']:.0%} of the teacher's mass on average at "
+        "temperature 2" in said
+    )
+    assert "distil online" in said
+
+
+def test_tail_temperatures_need_a_temperature_1_cache(tiny_model_dir, records_file, tmp_path):
+    from potstill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tail_temperatures: re-tempering reads a T = 1 cache"):
+        stage_config(
+            tiny_model_dir, records_file, tmp_path, temperature=2.0, tail_temperatures=[2.0]
+        )

@@ -160,7 +160,7 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
     pad_id = tokenizer.pad_token_id or 0
 
     def collate(batch):
-        tensors = collate_items(batch, pad_id, cache)
+        tensors = collate_items(batch, pad_id, cache, cfg.loss.temperature)
         if cross:
             tensors.update(collate_teacher_views([item.teacher_view for item in batch]))
         return tensors

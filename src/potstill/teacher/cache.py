@@ -33,12 +33,14 @@ from potstill.teacher.cache_format import (
     FIX_READ,
     FORMAT,
     META,
+    READS,
     VERSION,
     Codec,
     ShardInfo,
     check_finite,
     check_shard_sha256,
     read_shard_header,
+    retemper,
     shard_paths,
 )
 from potstill.teacher.cache_writer import CacheWriter
@@ -150,8 +152,13 @@ class TeacherCache:
             self._maps.popitem(last=False)
         return mm
 
-    def decode(self, record_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """ids int64 (T, k), log-probs float32 (T, k) as numpy arrays, checked."""
+    def temperatures(self) -> list[float]:
+        """The temperatures `get` reads at: the cache's own, and its tail temperatures."""
+        return [float(self.meta["temperature"]), *self.codec.tail_temperatures]
+
+    def decode(self, record_id: str, temperature: float | None = None):
+        """ids int64 (T, k), log-probs float32 (T, k) as numpy arrays, checked; at `temperature`
+        (None: the cache's), re-tempered from T = 1 when it is one of the tail temperatures."""
         try:
             s, offset, length, tokens, crc = self._where[record_id]
         except KeyError:
@@ -175,11 +182,22 @@ class TeacherCache:
                 f"{FIX_READ}"
             )
         check_finite(log_probs, record_id, where, FIX_READ)
-        return ids, log_probs
+        if temperature is None or float(temperature) == float(self.meta["temperature"]):
+            return ids, log_probs
+        if temperature not in self.codec.tail_temperatures or self.meta["temperature"] != 1:
+            raise ConfigError(
+                f"{self.path}: the cache reads at temperatures {self.temperatures()}, not "
+                f"{temperature}; distil at one of them or cache again at temperature 1 with "
+                f"tail_temperatures=[{temperature}]"
+            )
+        column = self.codec.tail_temperatures.index(temperature)
+        lse = self.codec.decode_tail_lse(buf, tokens)[:, column]
+        return ids, retemper(log_probs, lse, float(temperature))[0]
 
-    def get(self, record_id: str) -> TeacherTopK:
-        """The record's top-k teacher rows: ids LongTensor (T, k), log_probs FloatTensor (T, k)."""
-        ids, log_probs = self.decode(record_id)
+    def get(self, record_id: str, temperature: float | None = None) -> TeacherTopK:
+        """The record's top-k teacher rows: ids LongTensor (T, k), log_probs FloatTensor (T, k),
+        at `temperature` (None: the cache's; see `decode`)."""
+        ids, log_probs = self.decode(record_id, temperature)
         return TeacherTopK(torch.from_numpy(ids), torch.from_numpy(log_probs))
 
     def verify(self) -> None:
@@ -228,7 +246,7 @@ def open_cache(
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{meta_path}: corrupt ({exc.msg}); rebuild the cache") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READS:
         raise DataError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
             f"potstill reads {FORMAT} version {VERSION}: rebuild the cache"

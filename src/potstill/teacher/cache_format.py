@@ -3,6 +3,9 @@
 A record with T target tokens is one contiguous byte string:
 
     [log_tail: T float16]     only with q8 log-probs: log(1 − Σ p_topk), the teacher's tail mass
+    [tail_lse: T·n float16]   version 2, a T = 1 cache with n `tail_temperatures` T_i: per token,
+                              log Σ_tail p^(1/T_i), what re-tempering to T_i at read time needs
+                              (`retemper`); row-major (T, n)
     [log-probs: T·k values]   f32 / f16 as they are, or q8: uint8 codes of (lp_top1 − lp) / step
     [ids: T·k ids]            u32 little-endian; packed: ceil(log2 V) bits each, LSB first; or
                               delta: each row sorted by id, gaps as LEB128 varints (the first id
@@ -34,7 +37,9 @@ from potstill.data.shard_buffer import ShardNames
 from potstill.errors import DataError
 
 FORMAT = "potstill-teacher-cache"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+"""Versions this code reads: 1 is 2 without tail temperatures (its records are unchanged)."""
 ID_CODECS = ("delta", "packed", "u32")
 LOG_PROB_CODECS = ("q8", "f16", "f32")
 ENCODINGS = tuple(f"{i}-{lp}" for i in ID_CODECS for lp in LOG_PROB_CODECS)
@@ -77,10 +82,14 @@ class Codec:
     vocab_size: int
     k: int
     q8_step: float = Q8_STEP
+    tail_temperatures: tuple[float, ...] = ()
+    """Temperatures the tail's log-sum-exp is stored at, so a T = 1 cache reads at them too."""
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding}")
+        if any(not t > 0 for t in self.tail_temperatures):
+            raise ValueError(f"tail temperatures must be > 0, got {self.tail_temperatures}")
         if not 1 <= self.k <= self.vocab_size:
             raise ValueError(f"k must be in [1, {self.vocab_size}], got {self.k}")
 
@@ -105,16 +114,20 @@ class Codec:
             "log_probs": self.log_probs,
             "q8_step": self.q8_step if self.log_probs == "q8" else None,
             "tail": "stored (float16 log)" if self.log_probs == "q8" else "implied",
+            "tail_temperatures": list(self.tail_temperatures),
         }
 
     @classmethod
     def from_meta(cls, meta: dict) -> Codec:
         enc = meta["encoding"]
-        return cls(enc["name"], int(meta["vocab_size"]), int(meta["k"]), enc["q8_step"] or Q8_STEP)
+        temps = tuple(float(t) for t in enc.get("tail_temperatures") or ())  # absent in version 1
+        step = enc["q8_step"] or Q8_STEP
+        return cls(enc["name"], int(meta["vocab_size"]), int(meta["k"]), step, temps)
 
     def _fixed(self, tokens: int) -> tuple[int, int]:
-        """Bytes of the tail and log-prob parts, which depend on T alone."""
+        """Bytes of the tail (mass and log-sum-exps) and log-prob parts, which depend on T alone."""
         tail = 2 * tokens if self.log_probs == "q8" else 0
+        tail += 2 * tokens * len(self.tail_temperatures)
         return tail, tokens * self.k * _LP_BYTES[self.log_probs]
 
     def id_bytes_range(self, tokens: int) -> tuple[int, int]:
@@ -130,8 +143,9 @@ class Codec:
         low, high = self.id_bytes_range(tokens)
         return low <= length - sum(self._fixed(tokens)) <= high
 
-    def encode(self, ids: np.ndarray, log_probs: np.ndarray, log_tail: np.ndarray) -> bytes:
-        """(T, k) ids, (T, k) log-probs (descending per row), (T,) log tail mass -> bytes."""
+    def encode(self, ids, log_probs, log_tail, tail_lse=None) -> bytes:
+        """(T, k) ids, (T, k) log-probs (descending per row), (T,) log tail mass and, with tail
+        temperatures, (T, n) log Σ_tail p^(1/T_i) -> bytes."""
         ids = np.asarray(ids, dtype=np.int64)
         log_probs = np.asarray(log_probs, dtype=np.float32)
         tokens = ids.shape[0]
@@ -151,6 +165,14 @@ class Codec:
             codes = np.clip(np.rint(np.nan_to_num(rel, posinf=255.0)), 0, 255).astype(np.uint8)
         else:
             codes = log_probs.astype(_LP_DTYPES[self.log_probs])
+        if self.tail_temperatures:
+            shape = (tokens, len(self.tail_temperatures))
+            if tail_lse is None or np.shape(tail_lse) != shape:
+                raise ValueError(f"tail_lse must be {shape}, one per tail temperature")
+            # Above 0 at T > 1 (Σ p^(1/T) > Σ p); an empty tail (-inf) saturates at float16's
+            # -65504: finite, and as empty as -inf once exponentiated.
+            lse = np.clip(np.asarray(tail_lse, dtype=np.float32), -65504.0, 65504.0)
+            parts.append(lse.astype("<f2").tobytes())
         if self.ids == "delta":  # rows in id order, log-probs alongside
             order = np.argsort(ids, axis=1, kind="stable")
             ids = np.take_along_axis(ids, order, axis=1)
@@ -166,7 +188,7 @@ class Codec:
         shape = (tokens, self.k)
         lp_buf = buf[n_tail : n_tail + n_lp]
         if self.log_probs == "q8":
-            log_tail = buf[:n_tail].view("<f2").astype(np.float32)
+            log_tail = buf[: 2 * tokens].view("<f2").astype(np.float32)
             r = lp_buf.astype(np.float32).reshape(shape) * -self.q8_step
             top = np.log1p(-np.exp(log_tail))  # log Σ p_topk = log(1 − tail)
             r_max = r.max(axis=1, keepdims=True)
@@ -182,6 +204,26 @@ class Codec:
             ids = np.take_along_axis(ids, order, axis=1)
             log_probs = np.take_along_axis(log_probs, order, axis=1)
         return ids, log_probs
+
+    def decode_tail_lse(self, buf: np.ndarray, tokens: int) -> np.ndarray:
+        """(T, n) float32 log Σ_tail p^(1/T_i), one column per tail temperature."""
+        start = 2 * tokens if self.log_probs == "q8" else 0
+        n = len(self.tail_temperatures)
+        part = buf[start : start + 2 * tokens * n]
+        return part.view("<f2").astype(np.float32).reshape(tokens, n)
+
+
+def retemper(log_probs: np.ndarray, tail_lse: np.ndarray, temperature: float):
+    """T = 1 top-k log-probs (..., k) and the tail's log Σ p^(1/T) (...,) -> the top k's log-probs
+    at temperature T (..., k) and the tail's log mass at T (...,).
+
+    p_T ∝ p^(1/T): over the kept ids exactly, and the tail's softened mass is its stored
+    log-sum-exp, so the k + 1 outcomes are those of the dense softened distribution."""
+    scaled = np.asarray(log_probs, dtype=np.float64) / temperature
+    top = scaled.max(axis=-1, keepdims=True)
+    top_lse = top[..., 0] + np.log(np.exp(scaled - top).sum(axis=-1))
+    log_z = np.logaddexp(top_lse, np.asarray(tail_lse, dtype=np.float64))
+    return (scaled - log_z[..., None]).astype(np.float32), (tail_lse - log_z).astype(np.float32)
 
 
 def _varint_width(value: int) -> int:
@@ -271,7 +313,7 @@ def read_shard_header(path: Path) -> ShardInfo:
             header = json.loads(f.read(n))
         meta = header["__metadata__"]
         start, end = header["data"]["data_offsets"]
-        if meta["format"] != f"{FORMAT}/{VERSION}":
+        if meta["format"] not in {f"{FORMAT}/{v}" for v in READS}:
             raise DataError(f"{path}: shard format {meta['format']!r}, expected {FORMAT}/{VERSION}")
         index = json.loads(meta["index"])
         sha = meta["sha256"]

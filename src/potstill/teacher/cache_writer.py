@@ -18,6 +18,7 @@ from potstill.fsutil import LockHeld, atomic_write_bytes, atomic_write_text, try
 from potstill.teacher.cache_format import (
     FORMAT,
     META,
+    Q8_STEP,
     SHARDS,
     VERSION,
     Codec,
@@ -73,7 +74,8 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
         self.tokens_written = 0
 
     def _open(self, meta: dict) -> None:
-        codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]))
+        temps = tuple(float(t) for t in meta.get("tail_temperatures") or ())
+        codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]), Q8_STEP, temps)
         full = {"format": FORMAT, "version": VERSION, **meta, "encoding": codec.describe()}
         self.meta = json.loads(json.dumps(full))  # as it reads back (tuples become lists)
         self.codec = codec
@@ -101,9 +103,10 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
                     "output directory, or delete the old cache to start over"
                 )
 
-    def write(self, record_id: str, ids, log_probs, log_tail=None) -> None:
+    def write(self, record_id: str, ids, log_probs, log_tail=None, tail_lse=None) -> None:
         """One record: ids (T, k), log_probs (T, k) descending per row, log_tail (T,) the log of
-        the teacher's mass outside the top k (needed by q8; implied by the others)."""
+        the teacher's mass outside the top k (needed by q8; implied by the others) and, when the
+        meta has `tail_temperatures`, tail_lse (T, n): log Σ_tail p^(1/T_i) (`topk.tail_lse`)."""
         self._check_new(record_id)
         ids, log_probs = _numpy(ids), _numpy(log_probs)
         if ids.ndim != 2 or ids.shape[0] == 0:
@@ -113,7 +116,10 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
             log_tail = _implied_log_tail(log_probs)
         log_tail = _numpy(log_tail)
         check_finite(log_tail, record_id, "teacher output", FIX_WRITE)
-        data = self.codec.encode(ids, log_probs, log_tail)
+        if tail_lse is not None:
+            tail_lse = _numpy(tail_lse)
+            check_finite(np.maximum(tail_lse, -1e30), record_id, "teacher output", FIX_WRITE)
+        data = self.codec.encode(ids, log_probs, log_tail, tail_lse)
         self._add(record_id, (record_id, ids.shape[0], data))
 
     def _write_shard(self, path: Path, items: list[tuple[str, int, bytes]]) -> None:

@@ -46,3 +46,10 @@ def top_k_rows(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tens
     top, ids = log_p.topk(k, dim=-1)
     log_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
     return ids, top, log_tail
+
+
+def tail_lse(logits: Tensor, ids: Tensor, temperatures) -> Tensor:
+    """(n, V) logits, (n, k) top-k ids -> (n, len(temperatures)): log Σ_tail p^(1/T_i), p the
+    T = 1 distribution, over the ids outside the top k (what `cache_format.retemper` needs)."""
+    log_p = F.log_softmax(logits.float(), dim=-1).scatter(-1, ids, float("-inf"))
+    return torch.stack([(log_p / t).logsumexp(-1) for t in temperatures], -1)

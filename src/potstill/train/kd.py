@@ -52,14 +52,16 @@ class Item:
     positions (`train.cross_tokenizer.TeacherView`); None with one vocabulary."""
 
 
-def collate_items(items: list[Item], pad_id: int, cache=None) -> dict[str, torch.Tensor]:
-    """sft's tensors, plus (offline) the teacher's top-k of every target token in row order,
-    and whether the targets are student samples."""
+def collate_items(
+    items: list[Item], pad_id: int, cache=None, temperature: float | None = None
+) -> dict[str, torch.Tensor]:
+    """sft's tensors, plus (offline) the teacher's top-k of every target token in row order, at
+    `temperature` (None: the cache's), and whether the targets are student samples."""
     batch = collate([item.example for item in items], pad_id)
     batch["sampled"] = torch.tensor(any(item.sampled for item in items))
     if cache is not None:
         # Target tokens in row-major order of labels[:, 1:]: each record's, in order.
-        parts = [cache_rows(cache, item) for item in items]
+        parts = [cache_rows(cache, item, temperature) for item in items]
         batch["teacher_ids"] = torch.cat([p.ids for p in parts]).long()
         batch["teacher_log_probs"] = torch.cat([p.log_probs for p in parts]).float()
     return batch

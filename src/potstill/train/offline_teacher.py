@@ -23,11 +23,11 @@ def predicted_targets(example) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
-def cache_rows(cache, item) -> TeacherTopK:
-    """The cached top-k rows of this item's predicted target tokens, in order
-    (`open_teacher_cache` checked there are enough). A max_seq_len shorter than the cache's
-    takes a prefix of them."""
-    top = cache.get(item.record_id)
+def cache_rows(cache, item, temperature: float | None = None) -> TeacherTopK:
+    """The cached top-k rows of this item's predicted target tokens, in order, at `temperature`
+    (None: the cache's; `open_teacher_cache` checked there are enough rows and that the cache
+    reads at it). A max_seq_len shorter than the cache's takes a prefix of them."""
+    top = cache.get(item.record_id, temperature)
     n = predicted_targets(item.example)
     return TeacherTopK(top.ids[:n], top.log_probs[:n])
 
@@ -106,10 +106,11 @@ def open_teacher_cache(cfg, tokenizer, vocab_size: int, items: list, rebuild):
             f"made with another system prompt, fields or max_seq_len (cache: "
             f"{_data_meta(cache.meta)}); make it with this config's data settings"
         )
-    meta_t = cache.meta.get("temperature")
-    if meta_t is not None and float(meta_t) != cfg.loss.temperature:
+    readable = cache.temperatures()
+    if cfg.loss.temperature not in readable:
         raise ConfigError(
-            f"loss.temperature={cfg.loss.temperature} but the cache holds log-probs at "
-            f"temperature {meta_t}; set loss.temperature={meta_t} or cache again"
+            f"loss.temperature={cfg.loss.temperature} but the cache reads at temperature "
+            f"{' or '.join(map(str, readable))}; set loss.temperature={readable[0]} or cache "
+            f"again at temperature 1 with tail_temperatures=[{cfg.loss.temperature}]"
         )
     return cache
