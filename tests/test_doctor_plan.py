@@ -14,7 +14,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from potstill.memory_plan import (
     FLOAT32,
-    LINEARS,
     Settings,
     lora_parameters,
     make_plan,

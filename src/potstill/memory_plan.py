@@ -115,7 +115,8 @@ def settings_from_config(cfg, stage: str, on_gpu: bool) -> Settings:
     train, lora = cfg.train, model.lora
     modules = LINEARS
     if lora is not None and lora.target_modules != "all-linear":
-        names = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+        names = lora.target_modules
+        names = [names] if isinstance(names, str) else names
         modules = tuple(n for n in LINEARS if n in names)
     teacher = getattr(cfg, "teacher", None)
     return Settings(
@@ -285,7 +286,8 @@ def suggestions(student: Shape, teacher: Shape | None, s: Settings, available: i
     combination of all of them."""
     tries = []
     if not s.gradient_checkpointing:
-        tries.append(("train.gradient_checkpointing=true", replace(s, gradient_checkpointing=True)))
+        checkpointed = replace(s, gradient_checkpointing=True)
+        tries.append(("train.gradient_checkpointing=true", checkpointed))
     mb = s.micro_batch_size
     while mb > 1:
         mb //= 2
@@ -309,8 +311,10 @@ def suggestions(student: Shape, teacher: Shape | None, s: Settings, available: i
                    grad_accum=s.grad_accum * s.micro_batch_size)  # fmt: skip
     if plan_memory(student, teacher, both).peak <= available:
         return ["train.gradient_checkpointing=true train.micro_batch_size=1 together"]
-    return [f"none of gradient checkpointing, micro_batch_size=1, LoRA fits: shorten "
-            f"train.max_seq_len (now {s.max_seq_len}) or use a device with more memory"]  # fmt: skip
+    return [
+        f"none of gradient checkpointing, micro_batch_size=1, LoRA fits: shorten "
+        f"train.max_seq_len (now {s.max_seq_len}) or use a device with more memory"
+    ]
 
 
 def make_plan(

@@ -53,8 +53,13 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
 
     from potstill.cli.verbs import get_verb
     from potstill.config import load_config
-    from potstill.memory_plan import make_plan, measure_throughput, model_shape, plan_lines
-    from potstill.memory_plan import settings_from_config
+    from potstill.memory_plan import (
+        make_plan,
+        measure_throughput,
+        model_shape,
+        plan_lines,
+        settings_from_config,
+    )
     from potstill.models import load_model_config
 
     key = detect_stage(path, stage)
