@@ -205,20 +205,42 @@ def doctor(
     ],
     student: Annotated[str, typer.Argument(help="Student model spec.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="An sft or distill config: add its memory and time plan."),
+    ] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help="sft or distill (default: read from the config's keys)."),
+    ] = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option("--memory-gb", help="Memory to plan against (default: what is free now)."),
+    ] = None,
+    gflops: Annotated[
+        float | None,
+        typer.Option("--gflops", help="Device throughput (default: a matmul probe on the CPU)."),
+    ] = None,
 ) -> None:
     """What a teacher/student pair can do, from tokenizers and config.json only (no weights):
-    vocabulary overlap, distill modes, chat-template differences, context, sizes, a verdict."""
+    vocabulary overlap, distill modes, chat-template differences, context, sizes, a verdict;
+    with --config, the predicted peak memory by part, time per step, and what would fit."""
     import json
 
     from potstill.doctor import diagnose, report_lines
 
+    plan = None
+    if config is not None:  # a bad config fails before the tokenizers load
+        from potstill.cli.doctor_plan import config_plan
+
+        plan, plan_text = config_plan(teacher, student, config, stage, memory_gb, gflops)
     report = diagnose(teacher, student)
+    if as_json:
+        data = report.to_dict() | ({"plan": plan.to_dict()} if plan else {})
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
     # print, not the rich console: tokens such as [INST] would be read as markup
-    print(
-        json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
-        if as_json
-        else "\n".join(report_lines(report))
-    )
+    print("\n".join(report_lines(report) + (["", *plan_text] if plan else [])))
 
 
 INTERRUPTED = 130

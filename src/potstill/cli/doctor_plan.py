@@ -1,0 +1,90 @@
+"""`potstill doctor TEACHER STUDENT --config FILE`: the config's memory and time plan.
+
+Reads the config as `potstill sft/distill --config` read it (which one from its keys, or
+`--stage`), the two config.json files, and what memory is free now; loads no weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from potstill.errors import ConfigError
+
+STAGES = ("sft", "distill")
+DISTILL_KEYS = {"student", "teacher", "loss"}
+
+
+def detect_stage(path: Path, stage: str | None) -> str:
+    """sft or distill: `stage` if given, else distill when the file has a student, teacher or
+    loss section, sft when it has a model section."""
+    from potstill.config import read_yaml
+
+    if stage is not None:
+        if stage not in STAGES:
+            raise ConfigError(f"--stage: {stage!r} is not sft or distill")
+        return stage
+    keys = set(read_yaml(path))
+    if keys & DISTILL_KEYS:
+        return "distill"
+    if "model" in keys:
+        return "sft"
+    raise ConfigError(
+        f"{path}: neither an sft config (a model section) nor a distill one (student, teacher, "
+        "loss); pass --stage sft or --stage distill"
+    )
+
+
+def available_memory(on_gpu: bool) -> tuple[int, str]:
+    """Bytes free now, and where the figure comes from."""
+    if on_gpu:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free, "free on the GPU (torch.cuda.mem_get_info)"
+    import psutil
+
+    return psutil.virtual_memory().available, "available RAM (psutil)"
+
+
+def config_plan(teacher: str, student: str, path: Path, stage: str | None,
+                memory_gb: float | None, gflops: float | None):  # fmt: skip
+    """(Plan, its text lines) for the config at `path`."""
+    import torch
+
+    from potstill.cli.verbs import get_verb
+    from potstill.config import load_config
+    from potstill.memory_plan import (
+        make_plan,
+        measure_throughput,
+        model_shape,
+        plan_lines,
+        settings_from_config,
+    )
+    from potstill.models import load_model_config
+
+    key = detect_stage(path, stage)
+    cfg = load_config(get_verb(key).config_class(), path)
+    if memory_gb is not None and not memory_gb > 0:
+        raise ConfigError(f"--memory-gb: must be > 0, got {memory_gb}")
+    if gflops is not None and not gflops > 0:
+        raise ConfigError(f"--gflops: must be > 0, got {gflops}")
+    on_gpu = torch.cuda.is_available()
+    settings = settings_from_config(cfg, key, on_gpu)
+    shapes = [model_shape(load_model_config(spec)) for spec in (teacher, student)]
+    if memory_gb is None:
+        available, source = available_memory(on_gpu)
+    else:
+        available, source = int(memory_gb * (1 << 30)), "--memory-gb"
+    if gflops is None:
+        throughput, how = measure_throughput(), "a 512×512 float32 matmul probe on the CPU"
+    else:
+        throughput, how = gflops * 1e9, "--gflops"
+    plan = make_plan(
+        shapes[1], shapes[0] if key == "distill" else None, settings, available=available,
+        available_source=source, throughput=throughput, throughput_source=how,
+    )  # fmt: skip
+    notes = []
+    named = cfg.model.name if key == "sft" else cfg.student.name
+    if named != student:
+        notes.append(f"  note: the config's student is {named}; planned for {student}")
+    return plan, plan_lines(plan, settings) + notes

@@ -1,0 +1,145 @@
+"""`potstill doctor … --config`: each part of the plan in closed form, the verdict and what would
+fit, a bad config refused in one line, and the predicted peak against the measured peak of real
+2-step runs (sft LoRA, distill online) of small random models, each in a fresh subprocess."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from potstill.memory_plan import (
+    FLOAT32,
+    Settings,
+    lora_parameters,
+    make_plan,
+    model_shape,
+    plan_memory,
+)
+
+from .conftest import assert_one_line_error, build_tokenizer, run_cli
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def qwen_config(hidden=64, layers=2, vocab=320):
+    return Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def settings(**changes) -> Settings:
+    base = dict(stage="sft", micro_batch_size=2, max_seq_len=64, grad_accum=1,
+                gradient_checkpointing=False, weight_bytes=4, lora_rank=4)  # fmt: skip
+    return Settings(**{**base, **changes})
+
+
+def test_lora_count_equals_peft_and_adamw_is_two_moments():
+    from potstill.config.sections import LoraConfig
+    from potstill.models import apply_lora
+
+    config = qwen_config()
+    model = apply_lora(Qwen2ForCausalLM(config), LoraConfig(r=4, alpha=8))
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape, s = model_shape(config), settings()
+    assert lora_parameters(shape, s) == real
+    memory = plan_memory(shape, None, s)
+    assert memory.optimizer == 2 * real * FLOAT32 and memory.gradients == real * FLOAT32
+    assert memory.weights == shape.parameters * 4 + real * FLOAT32
+    full = plan_memory(shape, None, settings(lora_rank=None))
+    assert full.optimizer == 2 * shape.parameters * 4 and full.trainable == shape.parameters
+
+
+def test_activations_scale_with_tokens_and_checkpointing_keeps_layer_inputs():
+    shape = model_shape(qwen_config(layers=4))
+    one, two = (plan_memory(shape, None, settings(micro_batch_size=b)) for b in (1, 2))
+    assert two.activations == 2 * one.activations
+    ckpt = plan_memory(shape, None, settings(gradient_checkpointing=True))
+    per_layer = two.activations_without_checkpointing // 4
+    assert ckpt.activations == 4 * shape.hidden * 128 * 4 + per_layer
+    assert ckpt.activations < two.activations
+
+
+def test_teacher_online_counts_its_weights_offline_none():
+    student, teacher = model_shape(qwen_config()), model_shape(qwen_config(hidden=96))
+    online = plan_memory(student, teacher, settings(stage="distill", teacher_mode="online"))
+    offline = plan_memory(student, teacher, settings(stage="distill", teacher_mode="offline"))
+    assert online.teacher == teacher.parameters * 2 + 128 * teacher.hidden * 2
+    assert offline.teacher == 0
+
+
+def test_a_plan_that_cannot_fit_says_what_would():
+    shape = model_shape(qwen_config(hidden=256, layers=4))
+    s = settings(micro_batch_size=16, max_seq_len=512, lora_rank=None)
+    need = plan_memory(shape, None, s).peak
+    plan = make_plan(shape, None, s, available=int(need * 0.6), available_source="test",
+                     throughput=1e9, throughput_source="test")  # fmt: skip
+    assert plan.verdict.startswith("does not fit")
+    assert plan.suggestions and all("=" in text for text in plan.suggestions)
+    roomy = make_plan(shape, None, s, available=2 * need, available_source="test",
+                      throughput=1e9, throughput_source="test")  # fmt: skip
+    assert roomy.verdict.startswith("fits") and roomy.suggestions == []
+    assert roomy.seconds_per_step == pytest.approx(6 * shape.parameters * 16 * 512 / 1e9)
+
+
+def test_cli_prints_the_plan_and_a_bad_config_is_one_line(tiny_model_dir, tmp_path):
+    good = tmp_path / "sft.yaml"
+    good.write_text(f"model: {{name: {tiny_model_dir}}}\ntrain: {{micro_batch_size: 2}}\n")
+    proc = run_cli("doctor", str(tiny_model_dir), str(tiny_model_dir), "--config", str(good),
+                   "--memory-gb", "0.0001", "--gflops", "10")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "plan (sft" in proc.stdout and "plan verdict: does not fit" in proc.stdout
+    assert "would fit:" in proc.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {limit: 3}\n")
+    proc = run_cli("doctor", str(tiny_model_dir), str(tiny_model_dir), "--config", str(bad))
+    assert_one_line_error(proc, "--stage")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train: {micro_batch_size: 0}\nmodel: {name: x}\n")
+    proc = run_cli("doctor", str(tiny_model_dir), str(tiny_model_dir), "--config", str(wrong))
+    assert_one_line_error(proc, "micro_batch_size")
+
+
+def small_model(path: Path, hidden: int, seed: int) -> Path:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(qwen_config(hidden=hidden, layers=4)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met yet: on these models (hidden 512, 4 layers, 8 x 256 tokens) the plan says "
+    "468 MiB (sft) and 559 MiB (distill online) where the runs peaked at 801 and 931 MiB; ~330 "
+    "MiB that the saved-tensor count and the runtime overhead leave out (allocator retention or "
+    "the backward's working set, not yet found)",
+)
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_predicted_peak_within_15_percent_of_a_real_run(tmp_path, stage):
+    sys.path.insert(0, str(BENCH))
+    import doctor_plan as bench
+
+    student = small_model(tmp_path / "student", 512, 0)
+    teacher = small_model(tmp_path / "teacher", 768, 1)
+    data = bench.long_records(tmp_path / "records.jsonl", 8, 80)
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0}
+    common = {"data": {"source": str(data), "system_prompt": None},
+              "train": bench.train_section(2, 256, 8),
+              "run": {"output_dir": str(tmp_path / "run"), "log_with": []}}  # fmt: skip
+    if stage == "sft":
+        cfg = {"model": {"name": str(student), "lora": lora}, **common}
+    else:
+        cfg = {"student": {"name": str(student), "lora": lora},
+               "teacher": {"model": {"name": str(teacher)}}, **common}  # fmt: skip
+    path = bench.write_yaml(tmp_path / "config.yaml", cfg)
+    plan, _ = bench.predict(stage, path, str(teacher), str(student), 1e10)
+    measured = bench.measure(stage, path, timeout=600)
+    error = (plan.memory.peak - measured["peak_bytes"]) / measured["peak_bytes"]
+    assert abs(error) <= 0.15, json.dumps({"plan": plan.to_dict(), "measured": measured})
