@@ -14,7 +14,7 @@ LAYERS = (
     ("errors", "paths", "redact", "specs"),
     ("fsutil", "distributed", "config"),
     ("kit", "prompts", "runs", "losses"),
-    ("data", "models", "doctor"),
+    ("data", "models", "doctor", "memory_plan"),
     ("teacher",),
     ("train", "curate", "eval"),
     ("rlt", "report"),
