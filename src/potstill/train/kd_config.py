@@ -136,9 +136,9 @@ class KDLossConfig:
     """Tokens per lm_head chunk of the fused loss (default: as many as keep one chunk's float32
     buffers within 1 GiB, `potstill.losses.chunk_rows`: 640 at V = 32k, 128 at V = 152k)."""
     cross_tokenizer: CrossTokenizerConfig | None = None
-    """Teacher and student with different vocabularies (online mode): the answer's two
-    tokenizations are aligned by characters and compared by ULD or the hybrid loss, e.g.
-    {loss: hybrid}. null: one vocabulary, compared token by token."""
+    """Teacher and student with different vocabularies (online, or offline from a cache made
+    with spans=true): the answer's two tokenizations are aligned by characters and compared by
+    ULD or the hybrid loss, e.g. {loss: hybrid}. null: one vocabulary, token by token."""
 
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, f"beta: must be in [0, 1], got {self.beta}")
