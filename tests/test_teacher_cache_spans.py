@@ -88,6 +88,9 @@ def test_version_1_caches_still_read(tmp_path, monkeypatch):
     cache = open_cache(tmp_path)
     assert not cache.has_spans and len(cache) == 3
     assert torch.equal(cache.get("r1").ids, rows(1)[0])
+    with CacheWriter(tmp_path, meta_for("delta-f32")) as writer:  # resumed by this potstill
+        writer.write("r3", *rows(3)[:3])
+    assert len(open_cache(tmp_path)) == 4
 
 
 def test_a_version_1_cache_teaches_a_student_of_the_teachers_vocabulary(

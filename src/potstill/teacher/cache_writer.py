@@ -19,6 +19,7 @@ from potstill.teacher.cache_format import (
     FORMAT,
     META,
     NO_SPAN,
+    READ_VERSIONS,
     SHARDS,
     SPANS_UNIT,
     VERSION,
@@ -76,12 +77,12 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
             self._unlock()
             raise
         self.tokens_written = 0
-        self.with_spans = meta.get("spans") is not None
         # record id -> (spans, text sha256), kept beside the buffer until its shard has landed
         self._spans: dict[str, tuple[np.ndarray, str]] = {}
 
     def _open(self, meta: dict) -> None:
         codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]))
+        self.with_spans = meta.get("spans") is not None
         if meta.get("spans") not in (None, SPANS_UNIT):
             raise ValueError(f"meta spans must be {SPANS_UNIT!r} or absent, got {meta['spans']!r}")
         full = {"format": FORMAT, "version": VERSION, **meta, "encoding": codec.describe()}
@@ -103,6 +104,9 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
             atomic_write_text(meta_path, json.dumps(self.meta, indent=2) + "\n")
             return
         before = json.loads(meta_path.read_text())
+        if not self.with_spans and before.get("version") in READ_VERSIONS:
+            # a cache without spans reads the same in every version: resume it as it is
+            self.meta["version"] = before["version"]
         for key in sorted(set(before) | set(self.meta)):
             if key not in VOLATILE_META and before.get(key) != self.meta.get(key):
                 raise ConfigError(
