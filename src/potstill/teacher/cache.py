@@ -275,7 +275,8 @@ def open_cache(
     if vocab_size is not None and int(vocab_size) != int(meta["vocab_size"]):
         raise DataError(
             f"{path}: cache holds a vocabulary of {meta['vocab_size']:,} ids, the student has "
-            f"{int(vocab_size):,}; use a student of the teacher's family (one vocabulary)"
+            f"{int(vocab_size):,}; use a student of the teacher's family (one vocabulary), or "
+            "distil across vocabularies: loss.cross_tokenizer and a cache made with spans=true"
         )
     if tokenizer is not None:
         found = tokenizer_fingerprint(tokenizer)

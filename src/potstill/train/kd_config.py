@@ -34,8 +34,9 @@ class DistillTeacherConfig:
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
     )
-    """The teacher (same vocabulary as the student). Offline, only its name is checked against
-    the cache's; online it runs in inference mode, bf16 where the GPU has it (dtype: auto)."""
+    """The teacher (same vocabulary as the student unless loss.cross_tokenizer). Offline, only
+    its name is checked against the cache's (and, across vocabularies, its tokenizer loaded);
+    online it runs in inference mode, bf16 where the GPU has it (dtype: auto)."""
     mode: Literal["online", "offline", "on_policy"] = "online"
     """online: the teacher runs beside the student; offline: top-k log-probs from a cache
     (`potstill teacher cache`); on_policy: online, plus GKD's student samples (see on_policy)."""
