@@ -178,6 +178,37 @@ def token_offsets(
     return list(encoded["input_ids"]), offsets
 
 
+def answer_offsets(
+    tokenizer, answer: str, expected: Sequence[int], side: str
+) -> list[tuple[int, int]]:
+    """The answer's token offsets (from its first character), tokenised on its own as
+    `build_example` tokenises a target. The ids must be the ones an example holds (`expected`:
+    its target ids, maybe truncated or ending in the end-of-turn), or positions would point at
+    other tokens; `side` ("student", "teacher") names the tokenizer in the DataError."""
+    ids, offsets = token_offsets(tokenizer, answer, add_special_tokens=False)
+    shared = min(len(ids), len(expected))
+    if list(ids[:shared]) != list(expected[:shared]):
+        raise DataError(
+            f"the {side} tokenizer gives other ids for an answer tokenised with offsets than "
+            "without; cross-tokenizer distillation needs a tokenizer whose ids do not depend on "
+            "return_offsets_mapping"
+        )
+    return offsets
+
+
+def target_spans(tokenizer, labels: Sequence[int], answer: str) -> list[tuple[int, int]]:
+    """Per predicted target token of an example (t >= 1 with a label, the rows of a teacher
+    cache), the characters [start, end) of `answer` it covers; (-1, -1) for one that is not
+    from the answer (the end-of-turn after it). `labels` are the example's, built from `answer`
+    by `build_example` (IGNORE_INDEX = -100 on the prompt)."""
+    prompt = next(i for i, label in enumerate(labels) if label != -100)
+    if prompt == 0:  # row i would be the answer's token i + 1: not what readers assume
+        raise DataError("an example with no prompt token has no row for its first target token")
+    offsets = answer_offsets(tokenizer, answer, labels[prompt:], "teacher")
+    rows = [t - prompt for t in range(1, len(labels)) if labels[t] != -100]
+    return [offsets[r] if r < len(offsets) else (-1, -1) for r in rows]
+
+
 def align_text(
     text: str, teacher_tokenizer, student_tokenizer, *, add_special_tokens: bool = True
 ) -> Alignment:

@@ -21,7 +21,13 @@ from potstill.train.cross_tokenizer import (
     collate_teacher_views,
     make_cross_loss_fn,
     make_soft_loss,
+    online_teacher_at_pairs,
     teacher_view,
+)
+from potstill.train.cross_tokenizer_cache import (
+    cached_teacher,
+    collate_cached_pairs,
+    pair_with_cache,
 )
 from potstill.train.fit import Fit, fit
 from potstill.train.kd import (
@@ -60,14 +66,10 @@ class DistillConfig:
             "set train.packing=false",
         )
         if self.loss.cross_tokenizer is not None:
-            refused = {
-                "offline": "offline cross-tokenizer needs a cache with byte spans; not built yet",
-                "on_policy": "on-policy samples are not re-tokenised for the teacher yet",
-            }
             check(
-                self.teacher.mode not in refused,
-                f"loss.cross_tokenizer with teacher.mode={self.teacher.mode}: "
-                f"{refused.get(self.teacher.mode)}; use teacher.mode=online",
+                self.teacher.mode != "on_policy",
+                "loss.cross_tokenizer with teacher.mode=on_policy: on-policy samples are not "
+                "re-tokenised for the teacher yet; use teacher.mode=online or offline",
             )
             check(
                 self.loss.kd_ratio.strategy != "teacher_confidence",
@@ -89,11 +91,10 @@ def load_items(
     for rec, msgs, ex in built:
         if ex is None:
             continue
-        view = None
+        view, answer = None, rec[data.target_field]
         if teacher_tokenizer is not None:
-            answer = rec[data.target_field]
             view = teacher_view(ex, msgs, answer, tokenizer, teacher_tokenizer, max_len)
-        items.append(Item(ex, str(rec["id"]), msgs, teacher_view=view))
+        items.append(Item(ex, str(rec["id"]), msgs, teacher_view=view, target=answer))
     skipped = len(records) - len(items)
     if not items:
         raise DataError(
@@ -133,36 +134,49 @@ def run_distill(cfg: DistillConfig, console: Console | None = None, *, resume: b
         check_resumable(cfg.run.output_dir)
     tokenizer = load_tokenizer(cfg.student.name, trust_remote_code=cfg.student.trust_remote_code)
     online = cfg.teacher.mode != "offline"
-    cross = cfg.loss.cross_tokenizer is not None  # the config allows it online only
+    cross = cfg.loss.cross_tokenizer is not None
     teacher_tokenizer = None
-    if online:
+    if online or cross:  # offline across vocabularies: its vocabulary strings, not its weights
         spec = cfg.teacher.model
         teacher_tokenizer = load_tokenizer(spec.name, trust_remote_code=spec.trust_remote_code)
         if not cross:
             check_one_vocab(teacher_tokenizer, tokenizer)
-    items, counts = load_items(cfg, tokenizer, teacher_tokenizer if cross else None)
+    items, counts = load_items(cfg, tokenizer, teacher_tokenizer if cross and online else None)
     console.print(examples_line(counts))
     student = load_section_model(cfg.student)  # the tokenizer is loaded above
     vocab = student.get_output_embeddings().weight.shape[0]
     cache = None
     if not online:
         rebuild = lambda tok: load_items(cfg, tok)[0]  # noqa: E731 - items as the teacher builds them
-        cache = open_teacher_cache(cfg, tokenizer, vocab, items, rebuild)
+        cross_teacher = teacher_tokenizer if cross else None
+        cache = open_teacher_cache(
+            cfg, tokenizer, vocab, items, rebuild, teacher_tokenizer=cross_teacher
+        )
+        if cross:
+            pair_with_cache(cache, items, tokenizer, cfg.data.source)
+            counts["aligned_positions"] = sum(len(i.teacher_view.teacher_rows) for i in items)
     device = student.device
     teacher = load_teacher(cfg, vocab, device, same_vocab=not cross) if online else None
     hooks = DistillHooks(cfg, tokenizer)
     if cross:
         soft_loss = make_soft_loss(cfg, teacher_tokenizer, tokenizer)
-        loss_fn = make_cross_loss_fn(cfg, teacher, soft_loss, hooks)
+        at_pairs = (
+            online_teacher_at_pairs(teacher)
+            if online
+            else cached_teacher(cache, cfg.loss.temperature)
+        )
+        loss_fn = make_cross_loss_fn(cfg, at_pairs, soft_loss, hooks)
     else:
         teacher_of = online_teacher(teacher, device) if online else offline_teacher
         loss_fn = make_loss_fn(cfg, teacher_of, hooks)
     pad_id = tokenizer.pad_token_id or 0
 
     def collate(batch):
-        tensors = collate_items(batch, pad_id, cache, cfg.loss.temperature)
-        if cross:
+        tensors = collate_items(batch, pad_id, None if cross else cache, cfg.loss.temperature)
+        if cross and online:
             tensors.update(collate_teacher_views([item.teacher_view for item in batch]))
+        elif cross:
+            tensors.update(collate_cached_pairs(batch, cache, cfg.loss.temperature))
         return tensors
 
     inputs = [cfg.data.source] + ([cfg.teacher.cache] if cache is not None else [])

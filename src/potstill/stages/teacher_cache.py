@@ -32,6 +32,7 @@ from rich.progress import (
 from potstill.config import check
 from potstill.config.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.data import read_records
+from potstill.data.alignment import target_spans
 from potstill.data.examples import collate, record_examples
 from potstill.errors import ConfigError, DataError
 from potstill.losses.chunked import default_chunk_size
@@ -39,6 +40,7 @@ from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
+from potstill.teacher.cache_format import SPANS_UNIT
 from potstill.teacher.topk import tail_lse, target_hidden, target_logits, top_k_rows
 
 Tensor = torch.Tensor
@@ -79,6 +81,10 @@ class TeacherCacheConfig:
     """Records per teacher forward pass."""
     shard_size: int = 256
     """Records per shard file (a kill loses at most the records not yet in a shard)."""
+    spans: bool = False
+    """Also store each target token's characters in the target text, and the text's sha256
+    (8 bytes a token more), so that students with other tokenizers can distil from this cache
+    (loss.cross_tokenizer; docs/cross_tokenizer.md). Needs a fast tokenizer."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/teacher-cache"))
     """Run directory: it is also the cache directory (meta.json, shard-*.safetensors)."""
 
@@ -104,8 +110,9 @@ class TeacherCacheConfig:
 
 
 def _examples(cfg: TeacherCacheConfig, records: list[dict], tokenizer, done: set[str]):
-    """(record id, Example) for records not cached yet, and the count of records skipped for
-    having no target token within max_seq_len."""
+    """(record id, Example, the writer's span arguments: {} or spans and text) for records not
+    cached yet, and the count of records skipped for having no target token within
+    max_seq_len."""
     data = cfg.data
     todo = [r for r in records if r["id"] not in done]
     pending, skipped = [], 0
@@ -114,8 +121,15 @@ def _examples(cfg: TeacherCacheConfig, records: list[dict], tokenizer, done: set
     ):
         if example is None or not any(t != IGNORE_INDEX for t in example.labels[1:]):
             skipped += 1
-        else:
-            pending.append((record["id"], example))
+            continue
+        span_args = {}
+        if cfg.spans:
+            text = record[data.target_field]
+            try:
+                span_args = {"spans": target_spans(tokenizer, example.labels, text), "text": text}
+            except DataError as exc:
+                raise DataError(f"{data.source}: record '{record['id']}': {exc}") from None
+        pending.append((record["id"], example, span_args))
     return pending, skipped
 
 
@@ -136,6 +150,7 @@ def cache_meta(cfg: TeacherCacheConfig, tokenizer, vocab_size: int, system: str 
         "system_prompt": data.system_prompt,
         "system_prompt_sha256": hashlib.sha256(system.encode()).hexdigest() if system else None,
         "rows": "one per t >= 1 with labels[t] != -100 in potstill.data.examples.build_example",
+        **({"spans": SPANS_UNIT} if cfg.spans else {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -233,7 +248,7 @@ def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
     inference mode; returns (target tokens cached, their summed tail mass, and that mass at
     each tail temperature)."""
     chunk = default_chunk_size(model.get_output_embeddings().weight.shape[0], budget_bytes=1 << 28)
-    pending.sort(key=lambda pair: -len(pair[1].input_ids))  # long first: memory peaks early
+    pending.sort(key=lambda entry: -len(entry[1].input_ids))  # long first: memory peaks early
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     columns = [TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn()]
@@ -247,7 +262,7 @@ def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
         task = progress.add_task("cache", total=len(pending), tokens=0)
         for start in range(0, len(pending), cfg.batch_size):
             part = pending[start : start + cfg.batch_size]
-            hidden, rows = target_hidden(model, collate([ex for _, ex in part], pad))
+            hidden, rows = target_hidden(model, collate([ex for _, ex, _ in part], pad))
             outs = [
                 _rows(target_logits(model, hidden[i : i + chunk]), cfg)
                 for i in range(0, hidden.shape[0], chunk)
@@ -256,7 +271,7 @@ def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
                 torch.cat(x).cpu() if x[0] is not None else None for x in zip(*outs, strict=True)
             )
             offset = 0
-            for (record_id, _), n in zip(part, rows, strict=True):
+            for (record_id, _, span_args), n in zip(part, rows, strict=True):
                 end = offset + n
                 writer.write(
                     record_id,
@@ -264,6 +279,7 @@ def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
                     log_probs[offset:end],
                     log_tail[offset:end],
                     lse[offset:end] if lse is not None else None,
+                    **span_args,
                 )
                 offset = end
             tokens += offset

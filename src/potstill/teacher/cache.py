@@ -9,6 +9,10 @@ Rows follow a record's target tokens in order: the positions t ≥ 1 with labels
 `build_example(tokenizer, prompt_messages, target, meta["max_seq_len"])`; row i is the teacher's
 distribution over that token (computed at position t − 1), at the cache's temperature.
 
+A cache made with `spans=true` also holds, per row, the characters of the record's target text
+that the row's target token covers, and the sha256 of that text (`spans`, `text_sha256`): what
+a student with another tokenizer needs to align its own tokens with the teacher's.
+
 A cache directory holds `meta.json` (teacher, tokenizer fingerprint, vocabulary, k, temperature,
 encoding, data fields) and `shard-NNNNN.safetensors` files (see `cache_format`). `CacheWriter`
 (`cache_writer`, re-exported here) appends shards atomically, so a killed job loses at most its
@@ -33,8 +37,8 @@ from potstill.teacher.cache_format import (
     FIX_READ,
     FORMAT,
     META,
-    READS,
-    VERSION,
+    READ_VERSIONS,
+    SPANS_UNIT,
     Codec,
     ShardInfo,
     check_finite,
@@ -101,8 +105,19 @@ class TeacherCache:
         self.codec = Codec.from_meta(meta)
         self._shards = shards
         self._where: dict[str, tuple[int, int, int, int, int]] = {}
+        self.has_spans = meta.get("spans") == SPANS_UNIT
+        self._span_rows: dict[str, tuple[int, str]] = {}  # id -> (first row in spans, sha256)
         for s, info in enumerate(shards):
-            for record_id, offset, length, tokens, crc in info.index:
+            if self.has_spans and info.spans_start is None:
+                raise DataError(
+                    f"{info.path}: the cache stores spans ({META}) but this shard has none; "
+                    f"{FIX_READ}"
+                )
+            row = 0
+            for number, (record_id, offset, length, tokens, crc) in enumerate(info.index):
+                if self.has_spans:
+                    self._span_rows[record_id] = (row, info.text_sha256[number])
+                row += tokens
                 if record_id in self._where:
                     other = shards[self._where[record_id][0]].path.name
                     raise DataError(
@@ -194,6 +209,23 @@ class TeacherCache:
         lse = self.codec.decode_tail_lse(buf, tokens)[:, column]
         return ids, retemper(log_probs, lse, float(temperature))[0]
 
+    def spans(self, record_id: str) -> np.ndarray:
+        """(T, 2) int64: row i's target token covers characters [start, end) of the record's
+        target text; (-1, -1) for a token from outside it. Only in a cache with spans."""
+        s, _, _, tokens, _ = self._where[record_id]
+        row, _ = self._span_rows[record_id]
+        info = self._shards[s]
+        with open(info.path, "rb") as f:
+            f.seek(info.spans_start + 8 * row)
+            buf = f.read(8 * tokens)
+        if len(buf) != 8 * tokens:
+            raise DataError(f"{info.path}: record '{record_id}' has truncated spans; {FIX_READ}")
+        return np.frombuffer(buf, dtype="<i4").reshape(tokens, 2).astype(np.int64)
+
+    def text_sha256(self, record_id: str) -> str:
+        """sha256 of the target text the record was cached from. Only in a cache with spans."""
+        return self._span_rows[record_id][1]
+
     def get(self, record_id: str, temperature: float | None = None) -> TeacherTopK:
         """The record's top-k teacher rows: ids LongTensor (T, k), log_probs FloatTensor (T, k),
         at `temperature` (None: the cache's; see `decode`)."""
@@ -246,10 +278,11 @@ def open_cache(
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{meta_path}: corrupt ({exc.msg}); rebuild the cache") from None
-    if meta.get("format") != FORMAT or meta.get("version") not in READS:
+    if meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
         raise DataError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}; this "
-            f"potstill reads {FORMAT} version {VERSION}: rebuild the cache"
+            f"potstill reads {FORMAT} versions {', '.join(map(str, READ_VERSIONS))}: rebuild "
+            "the cache"
         )
     if teacher is not None and not _same_model(meta["teacher"], str(teacher)):
         raise ConfigError(
@@ -259,7 +292,8 @@ def open_cache(
     if vocab_size is not None and int(vocab_size) != int(meta["vocab_size"]):
         raise DataError(
             f"{path}: cache holds a vocabulary of {meta['vocab_size']:,} ids, the student has "
-            f"{int(vocab_size):,}; use a student of the teacher's family (one vocabulary)"
+            f"{int(vocab_size):,}; use a student of the teacher's family (one vocabulary), or "
+            "distil across vocabularies: loss.cross_tokenizer and a cache made with spans=true"
         )
     if tokenizer is not None:
         found = tokenizer_fingerprint(tokenizer)

@@ -21,6 +21,13 @@ A shard is a safetensors file holding one uint8 tensor `data` (the records, back
 its metadata the index (record id → offset, length, tokens, crc32 of its bytes) and the sha256 of
 `data`. It is written
 to a temporary name, fsynced and renamed, so a shard is whole or absent; readers memory-map it.
+
+Version 2 adds optional spans (a cache written with `spans=true`), apart from the records' bytes
+so the row codecs above are untouched: an int32 tensor `spans` (rows, 2), every record's rows
+back to back in index order, row i the characters [start, end) of the target text that the
+record's i-th target token covers ((-1, -1): a token from outside the text, the end-of-turn);
+and in the metadata `text_sha256` (one per index entry: the sha256 of the record's target text)
+and `spans_sha256` (of the `spans` tensor's bytes). Version 1 shards (no spans) still read.
 """
 
 from __future__ import annotations
@@ -38,8 +45,13 @@ from potstill.errors import DataError
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 2
-READS = (1, 2)
-"""Versions this code reads: 1 is 2 without tail temperatures (its records are unchanged)."""
+READ_VERSIONS = (1, 2)
+"""Versions this potstill reads: 1 has neither tail temperatures nor spans (its records are as
+2's); 2 may have either or both."""
+SPANS_UNIT = "characters"
+"""meta.json's `spans` of a cache with spans: offsets count characters of the target text."""
+NO_SPAN = (-1, -1)
+"""The span of a target token that is not from the target text (the end-of-turn)."""
 ID_CODECS = ("delta", "packed", "u32")
 LOG_PROB_CODECS = ("q8", "f16", "f32")
 ENCODINGS = tuple(f"{i}-{lp}" for i in ID_CODECS for lp in LOG_PROB_CODECS)
@@ -55,6 +67,11 @@ SHARDS = ShardNames("shard", ".safetensors")
 SHARD_RE = SHARDS.pattern
 META = "meta.json"
 FIX_READ = "delete this shard and rerun `potstill teacher cache` to recompute its records"
+
+
+def text_sha256(text: str) -> str:
+    """The hash a cache with spans keeps of a record's target text (utf-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def shard_paths(directory: Path) -> list[Path]:
@@ -272,8 +289,13 @@ def _decode_ids(buf: np.ndarray, codec: str, bits: int, n: int) -> np.ndarray:
     return np.add.reduceat((buf & 0x7F).astype(np.int64) << shift, starts)
 
 
-def shard_bytes(records: list[tuple[str, int, bytes]], extra: dict) -> bytes:
-    """A shard file's bytes from (record id, tokens, encoded bytes) triples."""
+def shard_bytes(
+    records: list[tuple[str, int, bytes]],
+    extra: dict,
+    spans: list[tuple[np.ndarray, str]] | None = None,
+) -> bytes:
+    """A shard file's bytes from (record id, tokens, encoded bytes) triples and, for a cache with
+    spans, one (spans (T, 2) int32, sha256 of the target text) per record, in the same order."""
     from safetensors.numpy import save
 
     index, offset = [], 0
@@ -287,7 +309,15 @@ def shard_bytes(records: list[tuple[str, int, bytes]], extra: dict) -> bytes:
         "index": json.dumps(index, ensure_ascii=False),
         **{key: json.dumps(value) for key, value in extra.items()},
     }
-    return save({"data": data}, metadata=metadata)
+    tensors = {"data": data}
+    if spans is not None:
+        rows = [np.asarray(s, dtype="<i4").reshape(-1, 2) for s, _ in spans]
+        if [len(r) for r in rows] != [tokens for _, tokens, _ in records]:
+            raise ValueError("spans must have one row per target token of each record")
+        tensors["spans"] = np.concatenate(rows) if rows else np.zeros((0, 2), dtype="<i4")
+        metadata["text_sha256"] = json.dumps([sha for _, sha in spans])
+        metadata["spans_sha256"] = hashlib.sha256(tensors["spans"].tobytes()).hexdigest()
+    return save(tensors, metadata=metadata)
 
 
 @dataclass
@@ -299,6 +329,11 @@ class ShardInfo:
     sha256: str
     index: list
     """[record id, offset, length, tokens, crc32] per record."""
+    spans_start: int | None = None
+    """Byte offset of the `spans` tensor (int32 (rows, 2)) inside the file; None: no spans."""
+    text_sha256: list | None = None
+    """sha256 of each record's target text, in index order (with spans)."""
+    spans_sha256: str | None = None
 
 
 def read_shard_header(path: Path) -> ShardInfo:
@@ -313,13 +348,18 @@ def read_shard_header(path: Path) -> ShardInfo:
             header = json.loads(f.read(n))
         meta = header["__metadata__"]
         start, end = header["data"]["data_offsets"]
-        if meta["format"] not in {f"{FORMAT}/{v}" for v in READS}:
-            raise DataError(f"{path}: shard format {meta['format']!r}, expected {FORMAT}/{VERSION}")
+        readable = [f"{FORMAT}/{v}" for v in READ_VERSIONS]
+        if meta["format"] not in readable:
+            raise DataError(
+                f"{path}: shard format {meta['format']!r}, expected one of {', '.join(readable)}"
+            )
         index = json.loads(meta["index"])
         sha = meta["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
+        spans = _spans_header(header, index)
+        tensors_end = max(header[name]["data_offsets"][1] for name in ("data", *spans[:1]))
+    except (ValueError, LookupError, TypeError) as exc:
         raise DataError(f"{path}: corrupt shard header ({exc}); {fix}") from None
-    expected = 8 + n + end
+    expected = 8 + n + tensors_end
     if size != expected:
         what = "truncated" if size < expected else "oversized"
         raise DataError(f"{path}: {what} shard ({size} bytes, header says {expected}); {fix}")
@@ -329,21 +369,53 @@ def read_shard_header(path: Path) -> ShardInfo:
         rid, offset, length, tokens, _ = entry
         if offset < 0 or offset + length > end - start or tokens < 1:
             raise DataError(f"{path}: corrupt index entry for record '{rid}'; {fix}")
-    return ShardInfo(path, 8 + n + start, end - start, sha, index)
+    info = ShardInfo(path, 8 + n + start, end - start, sha, index)
+    if spans:
+        info.spans_start = 8 + n + header["spans"]["data_offsets"][0]
+        info.text_sha256, info.spans_sha256 = spans[1], spans[2]
+    return info
 
 
-def check_shard_sha256(info: ShardInfo, chunk: int = 1 << 24) -> None:
+def _spans_header(header: dict, index: list) -> tuple:
+    """("spans", text sha256 list, spans sha256) of a shard with spans, () without; ValueError
+    when its parts do not fit the index (one row per token, one text hash per record)."""
+    if "spans" not in header:
+        return ()
+    tensor, meta = header["spans"], header["__metadata__"]
+    rows = sum(int(entry[3]) for entry in index)
+    begin, stop = tensor["data_offsets"]
+    if tensor["dtype"] != "I32" or tensor["shape"] != [rows, 2] or stop - begin != 8 * rows:
+        raise ValueError(f"spans {tensor['dtype']} {tensor['shape']} for {rows} rows")
+    hashes = json.loads(meta["text_sha256"])
+    if not isinstance(hashes, list) or len(hashes) != len(index):
+        raise ValueError("text_sha256 must hold one hash per record")
+    return ("spans", hashes, meta["spans_sha256"])
+
+
+def _sha256_of(path: Path, start: int, size: int, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(info.path, "rb") as f:
-        f.seek(info.data_start)
-        left = info.data_bytes
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = size
         while left:
             block = f.read(min(chunk, left))
             if not block:
                 break
             h.update(block)
             left -= len(block)
-    if h.hexdigest() != info.sha256:
+    return h.hexdigest()
+
+
+def check_shard_sha256(info: ShardInfo) -> None:
+    spans_bytes = 8 * sum(int(entry[3]) for entry in info.index)
+    if info.spans_start is not None and (
+        _sha256_of(info.path, info.spans_start, spans_bytes) != info.spans_sha256
+    ):
+        raise DataError(
+            f"{info.path}: corrupt shard (sha256 of its spans differs from the one written); "
+            "delete it and rerun `potstill teacher cache` with the same config to recompute it"
+        )
+    if _sha256_of(info.path, info.data_start, info.data_bytes) != info.sha256:
         raise DataError(
             f"{info.path}: corrupt shard (sha256 of its records differs from the one written); "
             "delete it and rerun `potstill teacher cache` with the same config to recompute it"

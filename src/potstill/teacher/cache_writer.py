@@ -13,18 +13,22 @@ import numpy as np
 import torch
 
 from potstill.data.shard_buffer import BufferedShards
-from potstill.errors import ConfigError
+from potstill.errors import ConfigError, DataError
 from potstill.fsutil import LockHeld, atomic_write_bytes, atomic_write_text, try_lock, unlock
 from potstill.teacher.cache_format import (
     FORMAT,
     META,
+    NO_SPAN,
     Q8_STEP,
+    READ_VERSIONS,
     SHARDS,
+    SPANS_UNIT,
     VERSION,
     Codec,
     check_finite,
     read_shard_header,
     shard_bytes,
+    text_sha256,
 )
 
 VOLATILE_META = ("created",)
@@ -41,8 +45,10 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
     ...             writer.write(record_id, ids, log_probs, log_tail)
 
     `meta` needs `vocab_size`, `k` and `encoding` (a name from `cache_format.ENCODINGS`); the rest
-    (teacher, tokenizer fingerprint, temperature, ...) is stored as given. Reopening a directory
-    with different metadata is refused. One writer per directory at a time (a file lock).
+    (teacher, tokenizer fingerprint, temperature, ...) is stored as given. With
+    `meta["spans"] = SPANS_UNIT` every `write` also takes the record's target text and each
+    target token's character span in it. Reopening a directory with different metadata is
+    refused. One writer per directory at a time (a file lock).
     """
 
     names = SHARDS
@@ -72,10 +78,15 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
             self._unlock()
             raise
         self.tokens_written = 0
+        # record id -> (spans, text sha256), kept beside the buffer until its shard has landed
+        self._spans: dict[str, tuple[np.ndarray, str]] = {}
 
     def _open(self, meta: dict) -> None:
         temps = tuple(float(t) for t in meta.get("tail_temperatures") or ())
         codec = Codec(meta["encoding"], int(meta["vocab_size"]), int(meta["k"]), Q8_STEP, temps)
+        self.with_spans = meta.get("spans") is not None
+        if meta.get("spans") not in (None, SPANS_UNIT):
+            raise ValueError(f"meta spans must be {SPANS_UNIT!r} or absent, got {meta['spans']!r}")
         full = {"format": FORMAT, "version": VERSION, **meta, "encoding": codec.describe()}
         self.meta = json.loads(json.dumps(full))  # as it reads back (tuples become lists)
         self.codec = codec
@@ -95,6 +106,9 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
             atomic_write_text(meta_path, json.dumps(self.meta, indent=2) + "\n")
             return
         before = json.loads(meta_path.read_text())
+        if not self.with_spans and before.get("version") in READ_VERSIONS:
+            # a cache without spans reads the same in every version: resume it as it is
+            self.meta["version"] = before["version"]
         for key in sorted(set(before) | set(self.meta)):
             if key not in VOLATILE_META and before.get(key) != self.meta.get(key):
                 raise ConfigError(
@@ -103,11 +117,18 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
                     "output directory, or delete the old cache to start over"
                 )
 
-    def write(self, record_id: str, ids, log_probs, log_tail=None, tail_lse=None) -> None:
+    def write(
+        self, record_id: str, ids, log_probs, log_tail=None, tail_lse=None, *, spans=None,
+        text=None,
+    ) -> None:  # fmt: skip
         """One record: ids (T, k), log_probs (T, k) descending per row, log_tail (T,) the log of
         the teacher's mass outside the top k (needed by q8; implied by the others) and, when the
-        meta has `tail_temperatures`, tail_lse (T, n): log Σ_tail p^(1/T_i) (`topk.tail_lse`)."""
+        meta has `tail_temperatures`, tail_lse (T, n): log Σ_tail p^(1/T_i) (`topk.tail_lse`). A
+        cache with spans also needs `text` (the target text) and `spans` (T, 2): each target
+        token's characters [start, end) in it, `NO_SPAN` for a token from outside it."""
         self._check_new(record_id)
+        if self.with_spans:
+            self._spans[record_id] = _checked_spans(record_id, spans, text, len(ids))
         ids, log_probs = _numpy(ids), _numpy(log_probs)
         if ids.ndim != 2 or ids.shape[0] == 0:
             raise ValueError(f"record '{record_id}': ids must be (T >= 1, k), got {ids.shape}")
@@ -123,10 +144,29 @@ class CacheWriter(BufferedShards[tuple[str, int, bytes]]):
         self._add(record_id, (record_id, ids.shape[0], data))
 
     def _write_shard(self, path: Path, items: list[tuple[str, int, bytes]]) -> None:
-        atomic_write_bytes(path, shard_bytes(items, {"encoding": self.meta["encoding"]}))
+        spans = [self._spans[record_id] for record_id, _, _ in items] if self.with_spans else None
+        atomic_write_bytes(path, shard_bytes(items, {"encoding": self.meta["encoding"]}, spans))
 
     def _flushed(self, items: list[tuple[str, int, bytes]]) -> None:
         self.tokens_written += sum(tokens for _, tokens, _ in items)
+        for record_id, _, _ in items:
+            self._spans.pop(record_id, None)
+
+
+def _checked_spans(record_id: str, spans, text, tokens: int) -> tuple[np.ndarray, str]:
+    """(spans (T, 2) int32, sha256 of `text`); DataError naming the record when the spans do
+    not fit the text (a bug in whoever computed them, caught before it is on disk)."""
+    if not isinstance(text, str) or spans is None:
+        raise DataError(f"record '{record_id}': this cache stores spans; pass spans= and text=")
+    rows = np.asarray(spans, dtype=np.int64).reshape(-1, 2) if len(spans) else np.zeros((0, 2))
+    outside = (rows == NO_SPAN).all(axis=1)
+    inside = (0 <= rows[:, 0]) & (rows[:, 0] <= rows[:, 1]) & (rows[:, 1] <= len(text))
+    if len(rows) != tokens or not (outside | inside).all():
+        raise DataError(
+            f"record '{record_id}': spans must be {tokens} (start, end) character ranges within "
+            f"its {len(text)}-character text, or {NO_SPAN}"
+        )
+    return rows.astype("<i4"), text_sha256(text)
 
 
 def _numpy(x) -> np.ndarray:

@@ -32,10 +32,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from potstill.data.alignment import align_offsets, target_positions, token_offsets
+from potstill.data.alignment import (
+    align_offsets,
+    answer_offsets,
+    target_positions,
+    token_offsets,
+)
 from potstill.data.chat import end_of_turn_ids, render_chat
 from potstill.data.examples import Example
-from potstill.errors import DataError
 from potstill.losses.cross_vocab import hybrid, uld, vocab_matches
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.losses.weighting import mix
@@ -61,20 +65,6 @@ def _prompt_length(example: Example) -> int:
     return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
 
 
-def _answer_offsets(tokenizer, answer: str, expected: list[int], side: str):
-    """The answer's token offsets (from its first character); the ids must be the ones the
-    example holds, or the positions would point at other tokens."""
-    ids, offsets = token_offsets(tokenizer, answer, add_special_tokens=False)
-    shared = min(len(ids), len(expected))  # expected may be truncated, or end in end-of-turn
-    if ids[:shared] != expected[:shared]:
-        raise DataError(
-            f"the {side} tokenizer gives other ids for an answer tokenised with offsets than "
-            "without; cross-tokenizer distillation needs a tokenizer whose ids do not depend on "
-            "return_offsets_mapping"
-        )
-    return offsets
-
-
 def teacher_view(
     student_example: Example, messages, answer: str, student_tokenizer, teacher_tokenizer,
     max_len: int,
@@ -93,7 +83,7 @@ def teacher_view(
 
     student_start = _prompt_length(student_example)
     student_ids = student_example.input_ids
-    student_offsets = _answer_offsets(
+    student_offsets = answer_offsets(
         student_tokenizer, answer, student_ids[student_start:], "student"
     )
     alignment = align_offsets(teacher_offsets, student_offsets, len(answer))
@@ -176,10 +166,17 @@ def teacher_logits_at_pairs(teacher, batch, device) -> torch.Tensor:
     return logits.to(device).clone()
 
 
-def make_cross_loss_fn(cfg, teacher, soft_loss, hooks: DistillHooks):
+def online_teacher_at_pairs(teacher):
+    """(batch, device) -> (n, V_t): the online teacher's logits at the paired positions."""
+    return functools.partial(teacher_logits_at_pairs, teacher)
+
+
+def make_cross_loss_fn(cfg, teacher_at_pairs, soft_loss, hooks: DistillHooks):
     """(model, micro_batch, window_tokens) -> (loss, parts) for the shared loop, across
-    vocabularies. Logs what same-vocabulary distill logs, plus `aligned`: paired positions per
-    target token of the window (1.0 when every target position has a partner)."""
+    vocabularies. `teacher_at_pairs(batch, device)` gives the teacher's (n, V_t) logits at the
+    pairs: online (`online_teacher_at_pairs`) or from a cache (`cross_tokenizer_cache`). Logs
+    what same-vocabulary distill logs, plus `aligned`: paired positions per target token of the
+    window (1.0 when every target position has a partner)."""
     temperature = cfg.loss.temperature
 
     def cross_step_loss(model, batch, window_tokens):
@@ -191,7 +188,7 @@ def make_cross_loss_fn(cfg, teacher, soft_loss, hooks: DistillHooks):
         # row of student_logits for each (row, position) of the batch: mask is row-major
         row_of = (mask.flatten().cumsum(0) - 1).view(mask.shape)
         paired = row_of[batch["pair_rows"], batch["pair_student_positions"]]  # (n,)
-        teacher_logits = teacher_logits_at_pairs(teacher, batch, student_logits.device)
+        teacher_logits = teacher_at_pairs(batch, student_logits.device)  # (n, V_t)
         soft_sum = soft_loss(student_logits[paired], teacher_logits).sum()
         kd_ratio = hooks.kd_ratio
         loss = mix(ce_sum, soft_sum, kd_ratio, temperature) / window_tokens

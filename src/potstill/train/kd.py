@@ -49,7 +49,10 @@ class Item:
     """The target is the student's own sample (on-policy)."""
     teacher_view: object | None = None
     """Across vocabularies: the teacher's own tokenization of the record and the aligned
-    positions (`train.cross_tokenizer.TeacherView`); None with one vocabulary."""
+    positions (`train.cross_tokenizer.TeacherView`), or, from a cache, the aligned positions and
+    cached rows (`train.cross_tokenizer_cache.CachedPairs`); None with one vocabulary."""
+    target: str = ""
+    """The target text the example's answer was tokenised from (aligned across tokenizers)."""
 
 
 def collate_items(

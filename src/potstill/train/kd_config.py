@@ -34,8 +34,9 @@ class DistillTeacherConfig:
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(name="qwen2.5-coder-1.5b-instruct")
     )
-    """The teacher (same vocabulary as the student). Offline, only its name is checked against
-    the cache's; online it runs in inference mode, bf16 where the GPU has it (dtype: auto)."""
+    """The teacher (same vocabulary as the student unless loss.cross_tokenizer). Offline, only
+    its name is checked against the cache's (and, across vocabularies, its tokenizer loaded);
+    online it runs in inference mode, bf16 where the GPU has it (dtype: auto)."""
     mode: Literal["online", "offline", "on_policy"] = "online"
     """online: the teacher runs beside the student; offline: top-k log-probs from a cache
     (`potstill teacher cache`); on_policy: online, plus GKD's student samples (see on_policy)."""
@@ -136,9 +137,9 @@ class KDLossConfig:
     """Tokens per lm_head chunk of the fused loss (default: as many as keep one chunk's float32
     buffers within 1 GiB, `potstill.losses.chunk_rows`: 640 at V = 32k, 128 at V = 152k)."""
     cross_tokenizer: CrossTokenizerConfig | None = None
-    """Teacher and student with different vocabularies (online mode): the answer's two
-    tokenizations are aligned by characters and compared by ULD or the hybrid loss, e.g.
-    {loss: hybrid}. null: one vocabulary, compared token by token."""
+    """Teacher and student with different vocabularies (online, or offline from a cache made
+    with spans=true): the answer's two tokenizations are aligned by characters and compared by
+    ULD or the hybrid loss, e.g. {loss: hybrid}. null: one vocabulary, token by token."""
 
     def __post_init__(self):
         check(0.0 <= self.beta <= 1.0, f"beta: must be in [0, 1], got {self.beta}")

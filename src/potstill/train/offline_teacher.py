@@ -70,13 +70,37 @@ def check_tokenizer(cfg, cache, tokenizer, items, rebuild) -> None:
             )
 
 
-def open_teacher_cache(cfg, tokenizer, vocab_size: int, items: list, rebuild):
-    """The offline cache, checked against this run; the first missing record is named."""
+def check_teacher_tokenizer(cfg, cache, teacher_tokenizer) -> None:
+    """Across vocabularies: the teacher's tokenizer (whose vocabulary strings the hybrid loss
+    matches with the student's) is the one the cache's ids are in."""
+    from potstill.teacher.cache import tokenizer_fingerprint
+
+    cached, found = cache.meta["tokenizer_fingerprint"], tokenizer_fingerprint(teacher_tokenizer)
+    if found != cached:
+        raise DataError(
+            f"{cfg.teacher.cache}: cache made with another tokenizer (fingerprint {cached[:12]}) "
+            f"than teacher.model.name={cfg.teacher.model.name}'s ({found[:12]}): its ids would "
+            "not be that vocabulary's; name the cache's teacher or rebuild the cache"
+        )
+
+
+def open_teacher_cache(
+    cfg, tokenizer, vocab_size: int, items: list, rebuild, *, teacher_tokenizer=None
+):  # fmt: skip
+    """The offline cache, checked against this run; the first missing record is named.
+    `teacher_tokenizer` (loss.cross_tokenizer): the student has another vocabulary, its rows
+    are paired by spans (`train.cross_tokenizer_cache`), not one for one."""
     from potstill.teacher.cache import open_cache
 
     path = cfg.teacher.cache
-    cache = open_cache(path, teacher=cfg.teacher.model.name, vocab_size=vocab_size)
-    check_tokenizer(cfg, cache, tokenizer, items, rebuild)
+    cross = teacher_tokenizer is not None
+    cache = open_cache(
+        path, teacher=cfg.teacher.model.name, vocab_size=None if cross else vocab_size
+    )
+    if cross:
+        check_teacher_tokenizer(cfg, cache, teacher_tokenizer)
+    else:
+        check_tokenizer(cfg, cache, tokenizer, items, rebuild)
     missing = next((item.record_id for item in items if item.record_id not in cache), None)
     if missing is not None:
         raise DataError(
@@ -96,9 +120,9 @@ def open_teacher_cache(cfg, tokenizer, vocab_size: int, items: list, rebuild):
             f"{path}: cache built with other data.{names} ({_data_meta(cache.meta)}); its "
             "positions would not line up: use the cache's settings or cache again"
         )
-    short = next(
+    short = None if cross else next(
         (i for i in items if cache.num_tokens(i.record_id) < predicted_targets(i.example)), None
-    )
+    )  # fmt: skip
     if short is not None:
         raise DataError(
             f"{path}: record '{short.record_id}' has {cache.num_tokens(short.record_id)} cached "
