@@ -42,6 +42,7 @@ import numpy as np
 
 from potstill.data.shard_buffer import ShardNames
 from potstill.errors import DataError
+from potstill.teacher.cache_ids import decode_ids, encode_ids, varint_width
 
 FORMAT = "potstill-teacher-cache"
 VERSION = 2
@@ -151,7 +152,7 @@ class Codec:
         """Smallest and largest size of a record's ids part."""
         n = tokens * self.k
         if self.ids == "delta":
-            return n, n * _varint_width(self.vocab_size - 1)
+            return n, n * varint_width(self.vocab_size - 1)
         size = (n * self.id_bits + 7) // 8 if self.ids == "packed" else 4 * n
         return size, size
 
@@ -195,7 +196,7 @@ class Codec:
             ids = np.take_along_axis(ids, order, axis=1)
             codes = np.take_along_axis(codes, order, axis=1)
         parts.append(codes.tobytes())
-        parts.append(_encode_ids(ids, self.ids, self.id_bits))
+        parts.append(encode_ids(ids, self.ids, self.id_bits))
         return b"".join(parts)
 
     def decode(self, buf: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +214,7 @@ class Codec:
             log_probs = r + (top - lse)[:, None]
         else:
             log_probs = lp_buf.view(_LP_DTYPES[self.log_probs]).astype(np.float32).reshape(shape)
-        ids = _decode_ids(buf[n_tail + n_lp :], self.ids, self.id_bits, tokens * self.k)
+        ids = decode_ids(buf[n_tail + n_lp :], self.ids, self.id_bits, tokens * self.k)
         ids = ids.reshape(shape)
         if self.ids == "delta":
             ids = np.cumsum(ids, axis=1)
@@ -241,52 +242,6 @@ def retemper(log_probs: np.ndarray, tail_lse: np.ndarray, temperature: float):
     top_lse = top[..., 0] + np.log(np.exp(scaled - top).sum(axis=-1))
     log_z = np.logaddexp(top_lse, np.asarray(tail_lse, dtype=np.float64))
     return (scaled - log_z[..., None]).astype(np.float32), (tail_lse - log_z).astype(np.float32)
-
-
-def _varint_width(value: int) -> int:
-    return max(1, (int(value).bit_length() + 6) // 7)
-
-
-def _encode_ids(ids: np.ndarray, codec: str, bits: int) -> bytes:
-    """(T, k) int64 ids -> bytes. delta expects each row sorted ascending."""
-    if codec == "u32":
-        return ids.reshape(-1).astype("<u4").tobytes()
-    if codec == "packed":
-        flat = ids.reshape(-1).astype("<u4")
-        planes = np.unpackbits(flat.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-        return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
-    gaps = np.diff(ids, axis=1, prepend=0).reshape(-1)  # first id absolute, then gaps >= 1
-    width = np.ones_like(gaps)
-    for shift in (7, 14, 21, 28):
-        width += gaps >= (1 << shift)
-    starts = np.cumsum(width) - width
-    out = np.empty(int(width.sum()), dtype=np.uint8)
-    for j in range(int(width.max(initial=1))):
-        has = width > j
-        more = (width[has] - 1 > j).astype(np.int64) << 7  # LEB128: high bit = more bytes follow
-        out[starts[has] + j] = ((gaps[has] >> (7 * j)) & 0x7F) | more
-    return out.tobytes()
-
-
-def _decode_ids(buf: np.ndarray, codec: str, bits: int, n: int) -> np.ndarray:
-    """bytes -> n int64 ids (delta: the gaps, to be summed per row)."""
-    if codec == "u32":
-        if buf.size != 4 * n:
-            raise ValueError(f"{buf.size} id bytes for {n} ids")
-        return buf.view("<u4").astype(np.int64)
-    if codec == "packed":
-        if buf.size != (n * bits + 7) // 8:
-            raise ValueError(f"{buf.size} id bytes for {n} ids of {bits} bits")
-        planes = np.zeros((n, 32), dtype=np.uint8)
-        planes[:, :bits] = np.unpackbits(buf, count=n * bits, bitorder="little").reshape(n, bits)
-        return np.packbits(planes, axis=1, bitorder="little").view("<u4")[:, 0].astype(np.int64)
-    last = (buf & 0x80) == 0  # the last byte of each varint
-    if int(last.sum()) != n or (buf.size and not last[-1]):
-        raise ValueError(f"the id varints hold {int(last.sum())} ids, not {n}")
-    group = np.concatenate([[0], np.cumsum(last[:-1])])  # which varint each byte belongs to
-    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
-    shift = 7 * (np.arange(buf.size) - starts[group])
-    return np.add.reduceat((buf & 0x7F).astype(np.int64) << shift, starts)
 
 
 def shard_bytes(
