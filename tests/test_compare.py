@@ -4,6 +4,7 @@ every method, bad configs refused before anything is written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -149,3 +150,51 @@ def test_a_held_out_set_overlapping_training_is_refused_in_one_line(
     what = "id 't-1'" if overlap == "id" else "the text of 'x-1'"
     assert_one_line_error(proc, f"held_out 'bad': shares {what} with the training questions")
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_a_compare_killed_inside_a_method_resumes_to_the_uninterrupted_table(
+    tiny_model_dir, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["budget.max_steps=4", "budget.save_every=1"]
+    reference = load_config(CompareConfig, overrides=_overrides(tiny_model_dir, tmp_path, *steps))
+    want = run_compare(reference, Console(quiet=True))
+    killed = tmp_path / "killed"
+    sets = [f"--set={o}" for o in _overrides(tiny_model_dir, tmp_path, *steps)]
+    sets.append(f"--set=run.output_dir={killed}")
+    cmd = [sys.executable, "-m", "potstill", "compare", *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    mid_logit = killed / "methods" / "logit" / "checkpoints" / "step-000002"
+    try:
+        deadline = time.monotonic() + 300
+        while not mid_logit.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"compare ended before the kill: {proc.stderr.read()}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not (killed / "compare.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    got = json.loads((killed / "compare.json").read_text())
+
+    def counts(table):  # what the questions and weights decide (not the seconds or $)
+        return [
+            (r["model"], (r.get("training") or {}).get("tokens"),
+             {k: c and (c["correct"], c["n"]) for k, c in r["cells"].items()}, r["nll"])
+            for r in table["rows"]
+        ]  # fmt: skip
+
+    assert counts(got) == counts(want)
+    for method in ("sft", "logit"):
+        adapter = Path("methods") / method / "final" / "adapter_model.safetensors"
+        same = (killed / adapter).read_bytes() == (tmp_path / "cmp" / adapter).read_bytes()
+        assert same, f"{method}: the resumed student differs from the uninterrupted one"
