@@ -27,6 +27,7 @@ PAD_SLACK = 0.1
 """A length bucket holds rows at most this fraction longer than its shortest."""
 
 
+@torch.no_grad()  # a reward: out= buffers take no autograd
 def target_logprobs(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -150,7 +151,7 @@ def _run_cluster(decoder, rows, wanted, indices, shared, pad_id, device, picked:
     prefix_ids = torch.tensor([list(rows[indices[0]][:shared])], device=device)
     head = decoder(input_ids=prefix_ids, use_cache=True)
     prefix_states = head.last_hidden_state[0]  # (shared, H)
-    buckets = length_buckets(indices, [len(r) for r in rows])
+    buckets = length_buckets(indices, [len(r) - shared for r in rows])  # padding: suffixes
     for n, bucket in enumerate(buckets):
         # the suffix forward appends to the cache it is given: the last bucket may take it
         cache = (
