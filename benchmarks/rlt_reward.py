@@ -12,11 +12,11 @@ Questions and worked solutions come from reasoning-gym's gsm_symbolic; the expla
 solutions reworded and repeated to length (a timing benchmark: they need not teach well).
 
 The per-sample loop runs one full forward per sample and model with a log_softmax over every
-position, as the reference RLT implementation does; the batched path runs one forward per model
-for the batch and the lm_head + log_softmax only where the rewards read. Both are fp32, so the
-values agree to ~1e-6 and the speedup comes from work skipped, not precision lost. On a CPU,
-a forward costs the same FLOPs batched or not: what remains is the shared prefix and the
-positions the rewards never read.
+position, as the reference RLT implementation does; the batched path runs each model over the
+batch (shared prefixes once) and the lm_head + logsumexp only where the rewards read. Both are
+fp32, so the values agree to ~1e-6 and the speedup comes from work skipped, not precision lost.
+On a CPU, a forward costs the same FLOPs batched or not: what remains is the shared prefix and
+the positions the rewards never read.
 
 Ends with `RESULT speedup=… max_abs_diff=… cpu_time_speedup=… mixed_speedup=…` (speedup: wall
 time of the group case; cpu_time_speedup: the same in process CPU time).

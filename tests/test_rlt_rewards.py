@@ -211,23 +211,27 @@ def test_missing_closing_tag_gets_the_penalty(models):
 @pytest.mark.parametrize("group", [True, False], ids=["one-question", "mixed"])
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_batched_equals_per_sample(models, share_prefix, group, monkeypatch):
-    from potstill.rlt import rewards
+    from potstill.rlt import logprobs
 
     cfg = RewardConfig(share_prefix=share_prefix, logit_chunk=7, max_length=200)
     samples = [sample(k) for k in (1, 4, 2, 6)] + [sample(3, closed=False)]
     if not group:
         samples.append(Sample("What is 5 - 3 - 6?", "-4", "Subtract twice.", id="other"))
     samples.append(sample(30))  # longer than max_length: skipped, the rest still scored
-    real, shared = rewards._common_prefix, []
+    real, clusters = logprobs.prefix_clusters, []
 
     def spy(rows):
-        shared.append(real(rows))
-        return shared[-1]
+        clusters.append(real(rows))
+        return clusters[-1]
 
-    monkeypatch.setattr(rewards, "_common_prefix", spy)
+    monkeypatch.setattr(logprobs, "prefix_clusters", spy)
     batched, single = reward_batch(models, samples, cfg), reward_per_sample(models, samples, cfg)
-    # a GRPO group shares its prompt (and, for the teacher, the solution): run once, reused
-    assert (min(shared, default=0) >= rewards.MIN_SHARED_PREFIX) == (share_prefix and group)
+    # a GRPO group shares its prompt (and, for the teacher, the solution): run once, reused;
+    # the other question's rows share only the chat template, run apart
+    assert len(clusters) == (2 if share_prefix else 0)
+    for found, alone in clusters:
+        assert len(found) == 1 and len(alone) == (0 if group else 1)
+        assert found[0][1] >= logprobs.MIN_SHARED_PREFIX
     assert batched[-1].skipped and "context_too_long" in batched[-1].skipped
     assert batched[-1].rlt_reward is None and single[-1].skipped == batched[-1].skipped
     for b, s in zip(batched[:-1], single[:-1], strict=True):

@@ -19,9 +19,10 @@ grouped so that each group covers the same characters, and a group's D is the lo
 group's joint probability. Where both tokenise alike (almost every token) a group is one token and
 D_k is the plain sampled-token log-ratio.
 
-`reward_batch` runs one teacher and one student forward per batch and evaluates the vocabulary
-only at the positions the rewards read; `reward_per_sample` is the plain reference (one full
-forward per sample and model) that tests and `benchmarks/rlt_reward.py` compare it with.
+`reward_batch` runs each model over the batch at once (rlt/logprobs.py: prefixes a group shares
+run once, the vocabulary only at the positions the rewards read); `reward_per_sample` is the plain
+reference (one full forward per sample and model) that tests and `benchmarks/rlt_reward.py`
+compare it with.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from potstill.config import check
 from potstill.errors import ModelError
 from potstill.models import check_same_vocab
+from potstill.rlt.logprobs import gather_logprobs
 from potstill.rlt.prompts import (
     RLTTags,
     Sample,
@@ -52,8 +54,6 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": torch.amax,
     "sum": torch.sum,
 }
-MIN_SHARED_PREFIX = 16
-"""Shorter common prefixes are not worth a separate forward."""
 
 
 @dataclass
@@ -77,9 +77,10 @@ class RewardConfig:
     """Longest context in tokens; default each model's max_position_embeddings. Longer samples
     are skipped with a reason."""
     share_prefix: bool = True
-    """Run a prefix common to the whole batch once (a GRPO group shares question and solution)."""
+    """Run a prefix that rows share once per cluster of rows (a GRPO group shares its question
+    and, for the teacher, the solution), its KV cache expanded over their suffixes."""
     logit_chunk: int = 256
-    """Positions per lm_head + log_softmax block: bounds the (chunk, vocab) float32 memory."""
+    """Positions per lm_head + logsumexp block: bounds the (chunk, vocab) float32 memory."""
 
     def __post_init__(self):
         check(self.temperature > 0, f"temperature: must be > 0, got {self.temperature}")
@@ -229,71 +230,16 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    first, n = rows[0], min(len(r) for r in rows) - 1  # every row keeps >= 1 token of its own
-    for k in range(n):
-        if any(r[k] != first[k] for r in rows):
-            return k
-    return max(n, 0)
-
-
-@torch.no_grad()
-def _hidden_states(model, rows: Sequence[Sequence[int]], pad_id: int, cfg: RewardConfig):
-    """Last hidden states (B, T, H) of right-padded rows: one decoder pass, or two when the whole
-    batch shares a prefix (run once, its KV cache repeated for every row)."""
-    device, decoder = _device(model), model.get_decoder()
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    ids, mask = ids.to(device), mask.to(device)
-    shared = _common_prefix(rows) if cfg.share_prefix and len(rows) > 1 else 0
-    if shared < MIN_SHARED_PREFIX:
-        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    head = decoder(input_ids=ids[:1, :shared], use_cache=True)
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(len(rows))
-    rest = decoder(
-        input_ids=ids[:, shared:], attention_mask=mask, past_key_values=cache, use_cache=False
-    ).last_hidden_state
-    return torch.cat([head.last_hidden_state.expand(len(rows), -1, -1), rest], dim=1)
-
-
-def _gather_logprobs(model, rows, wanted: list[list[int]], pad_id: int, cfg: RewardConfig):
-    """log π(x_p | x_<p) at the wanted positions of each row: one flat float32 tensor, row after
-    row. The lm_head and the log_softmax run only at those positions, `logit_chunk` at a time,
-    and a row's tokens after its last wanted position (closing tags) are not run at all."""
-    inputs = [r[: max(w, default=1)] for r, w in zip(rows, wanted, strict=True)]
-    hidden = _hidden_states(model, inputs, pad_id, cfg)  # (B, T, H)
-    device = hidden.device
-    long = {"device": device, "dtype": torch.long}  # also when nothing is wanted (empty lists)
-    row_idx = torch.tensor([i for i, w in enumerate(wanted) for _ in w], **long)
-    pos = torch.tensor([p for w in wanted for p in w], **long)
-    targets = torch.tensor([rows[i][p] for i, w in enumerate(wanted) for p in w], **long)
-    picked = hidden[row_idx, pos - 1]  # (N, H): the state before each wanted token predicts it
-    lm_head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    out = []
-    for start in range(0, len(pos), cfg.logit_chunk):
-        logits = lm_head(picked[start : start + cfg.logit_chunk])  # (chunk, V)
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        out.append(
-            token_logprobs(logits, targets[start : start + cfg.logit_chunk], cfg.temperature)
-        )
-    return torch.cat(out) if out else torch.zeros(0, device=device)
-
-
 def _split(flat: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     return list(torch.split(flat, list(sizes)))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reward_batch(
     models: RLTModels, samples: Sequence[Sample], cfg: RewardConfig | None = None
 ) -> list[RewardResult]:
-    """RLT rewards of a batch: one teacher and one student forward for all of it.
+    """RLT rewards of a batch, each model run over all of it at once (rlt/logprobs.py): shared
+    prefixes once, the vocabulary only where the rewards read.
 
     Samples whose context is too long come back with `skipped` set and no values.
     """
@@ -304,15 +250,18 @@ def reward_batch(
     if live:
         pad = models.teacher_tokenizer.pad_token_id
         pad = models.teacher_tokenizer.eos_token_id if pad is None else pad  # masked anyway
-        t_flat = _gather_logprobs(
-            models.teacher, [p.teacher_ids for p in live], [p.teacher_expl for p in live], pad, cfg
-        )
-        s_flat = _gather_logprobs(
+        gather = {"temperature": cfg.temperature, "chunk": cfg.logit_chunk,
+                  "share_prefix": cfg.share_prefix}  # fmt: skip
+        t_flat = gather_logprobs(
+            models.teacher, [p.teacher_ids for p in live], [p.teacher_expl for p in live], pad,
+            **gather,
+        )  # fmt: skip
+        s_flat = gather_logprobs(
             models.student,
             [p.student_ids for p in live],
             [p.student_expl + p.student_sol for p in live],
             pad,
-            cfg,
+            **gather,
         )
         t_parts = _split(t_flat, [len(p.teacher_expl) for p in live])
         s_parts = _split(s_flat, [len(p.student_expl) + len(p.student_sol) for p in live])
