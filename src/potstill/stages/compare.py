@@ -154,21 +154,30 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
         with run.timed("traces"):
             kept = _teacher_traces(cfg, run.path, console)
         methods = []
-        for seed in cfg.seeds:  # seed by seed: a run cut short still compares every method
+        # Seed by seed, each evaluated and tabled before the next: a run cut short has a table
+        # of every method at the seeds it finished (the evals grow by the new students only).
+        for seed in cfg.seeds:
             for name in cfg.methods:
                 console.rule(f"[bold]method {name}, seed {seed}")
                 methods.append(train_method(cfg, name, seed, run.path, kept, console))
-        with run.timed("eval"):
-            _evaluate(cfg, run.path, methods, console)
-        if cfg.eval_teacher:
-            with run.timed("nll"):
-                _held_out_nll(cfg, run.path, methods, console)
-        table = compare_table(run.path, cfg, methods)
-        write_tables(run.path, table)
-        page = render_compare(table, title=f"{cfg.student.name} taught by {cfg.teacher.name}")
-        atomic_write_text(run.path / "compare.html", page)
+            table = _evaluate_and_table(cfg, run, methods, console)
         run.count(methods=len(methods), failed=sum(m.failed is not None for m in methods))
     console.print(table["markdown"])
+    return table
+
+
+def _evaluate_and_table(cfg: CompareConfig, run: RunDir, methods: list[Method], console) -> dict:
+    """Evaluate the students trained so far (and, once, the teacher and the untrained student),
+    score their held-out NLL, and write compare.md / .json / .html."""
+    with run.timed("eval"):
+        _evaluate(cfg, run.path, methods, console)
+    if cfg.eval_teacher:
+        with run.timed("nll"):
+            _held_out_nll(cfg, run.path, methods, console)
+    table = compare_table(run.path, cfg, methods)
+    write_tables(run.path, table)
+    page = render_compare(table, title=f"{cfg.student.name} taught by {cfg.teacher.name}")
+    atomic_write_text(run.path / "compare.html", page)
     return table
 
 
