@@ -29,7 +29,9 @@ from potstill.train.loop import read_metrics
 CLEAN = (signal.SIGINT, signal.SIGTERM)
 """Signals a command must stop on cleanly: exit 130, no traceback, work so far kept."""
 POLL_SECONDS = 0.005
-TIMEOUT = 300.0
+TIMEOUT = 900.0
+"""Seconds a run may take: a 2-step tiny run takes ~20 s idle; an rlt train rerun took over
+300 s on a machine loaded to 7."""
 
 
 @dataclass
