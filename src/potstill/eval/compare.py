@@ -127,7 +127,8 @@ def compare_table(path: Path, cfg, methods: list[Method]) -> dict:
             "micro_batch_size": cfg.budget.micro_batch_size,
             "grad_accum": cfg.budget.grad_accum,
         },
-        "seeds": list(getattr(cfg, "seeds", [0])),
+        # the seeds every row has so far (a table written after each seed: compare.py)
+        "seeds": [s for s in getattr(cfg, "seeds", [0]) if any(m.seed == s for m in methods)],
         "columns": [{"set": n, "kind": k, "variant": v} for n, k, v in columns],
         "rows": rows,
         "teacher_compute": teacher,
