@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from potstill.losses.chunked import ROW_BUFFERS, _eager_rows, chunk_rows
+from potstill.losses.chunked import ROW_BUFFERS, chunk_rows, eager_chunk_rows
 
 GIB = 1 << 30
 FLOAT32 = 4
@@ -206,7 +206,7 @@ def loss_bytes(shape: Shape, s: Settings) -> int:
     if s.stage == "sft":
         return rows * shape.vocab * FLOAT32 * SFT_ROW_BUFFERS
     buffers = TOPK_ROW_BUFFERS if s.teacher_mode == "offline" else ROW_BUFFERS
-    chunk = _eager_rows(s.chunk_size or chunk_rows(shape.vocab), rows)
+    chunk = eager_chunk_rows(s.chunk_size or chunk_rows(shape.vocab), rows)
     return chunk * shape.vocab * FLOAT32 * buffers
 
 

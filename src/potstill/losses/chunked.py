@@ -128,7 +128,7 @@ def default_chunk_size(vocab_size: int, budget_bytes: int = 1 << 29) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
-def _eager_rows(chunk: int, rows: int) -> int:
+def eager_chunk_rows(chunk: int, rows: int) -> int:
     """Rows per eager chunk: at most `chunk`, and at most half the batch (see the module doc)."""
     return min(chunk, max(1, -(-rows // 2)))
 
@@ -288,7 +288,7 @@ def chunked_kd_loss(
         compile = rows >= chunk and chunk * vocab >= 1 << 22
     # autograd.grad inside a compiled graph would break it: the autograd fallback stays eager.
     compile = compile and row.kernel is not None and not compile_failed()
-    eager_rows = chunk if chunk_size else _eager_rows(chunk, rows)
+    eager_rows = chunk if chunk_size else eager_chunk_rows(chunk, rows)
     mask = target_mask(labels, ignore_index)
     plan = _Plan(
         labels,
