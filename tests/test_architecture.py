@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "potstill"
 LAYERS = (
     ("errors", "paths", "redact", "specs"),
     ("fsutil", "distributed", "config"),
-    ("kit", "prompts", "runs", "losses"),
+    ("kit", "prompts", "runs", "run_checks", "losses"),
     ("data", "models", "doctor", "memory_plan"),
     ("teacher",),
     ("train", "curate", "eval"),

@@ -9,7 +9,7 @@ import pytest
 
 from potstill.data import read_records
 from potstill.errors import DataError
-from potstill.runs import describe_input
+from potstill.run_checks import describe_input
 
 
 def _jsonl(path, ids):

@@ -15,7 +15,7 @@ from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, SFTData
 from potstill.data import read_records
 from potstill.data.examples import examples_line, record_examples
 from potstill.errors import DataError, ModelError
-from potstill.runs import check_same_config
+from potstill.run_checks import check_same_config
 from potstill.train.checkpoint import check_resumable
 from potstill.train.cross_tokenizer import (
     collate_teacher_views,
