@@ -11,8 +11,9 @@ test transfer, at the same student budget.
    sft (SFT on the traces), logit (the teacher's top-k cache over the same traces, distill with
    the hard+soft mix), logit_soft (the same cache, soft targets alone: Hinton's soft-vs-hard
    check against sft, which learns the teacher's argmax text), on_policy (GKD: the student
-   samples, the teacher scores), and
-   sft_then_on_policy (half the steps SFT, then on-policy from that student).
+   samples, the teacher scores),
+   sft_then_on_policy (half the steps SFT, then on-policy from that student), and rlt (SFT on
+   an RLT teacher's explanations of each training answer, the best of N by RLT reward).
 3. Every student, the student before training and (optionally) the teacher answer every held-out
    set, with the training system prompt and without it.
 4. One table (`compare.md`, `compare.json`): accuracy ± standard error per model × set, the
@@ -51,11 +52,11 @@ from potstill.eval.tasks import normal_question
 from potstill.fsutil import atomic_write_text
 from potstill.report.compare_page import render_compare
 from potstill.runs import RunDir
-from potstill.stages.compare_methods import train_method
+from potstill.stages.compare_methods import CompareRLTConfig, train_method
 from potstill.train.kd_config import KDLossConfig, OnPolicyConfig
 
-METHODS = ("sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy")
-MethodName = Literal["sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy"]
+METHODS = ("sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy", "rlt")
+MethodName = Literal["sft", "logit", "logit_soft", "on_policy", "sft_then_on_policy", "rlt"]
 
 
 @dataclass
@@ -106,6 +107,8 @@ class CompareConfig:
     """GKD's λ and the student's sampling."""
     cache_k: int = 64
     """Top-k of the teacher cache the logit method distils from."""
+    rlt: CompareRLTConfig = field(default_factory=CompareRLTConfig)
+    """The rlt method's explaining teacher and sampling."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Training seeds (data order, LoRA init, dropout, sampling; each sets budget.seed): one
     student per method and seed. With several, the table gives each method's mean ± sd over

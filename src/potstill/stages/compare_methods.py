@@ -8,12 +8,44 @@ The first seed's students live in `methods/NAME` and are labelled NAME; another 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from potstill.config.sections import RunConfig, SFTDataConfig
+from potstill.config import check
+from potstill.config.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.eval.compare import Method
+from potstill.rlt.config import ExplainSampling
+from potstill.rlt.prompts import RLTTags
 from potstill.train.kd_config import DistillTeacherConfig, KDRatioConfig
+
+
+@dataclass
+class CompareRLTConfig:
+    """The rlt method: an RLT teacher explains each training question given its answer, the
+    explanation that best teaches the student (RLT reward) is kept per question, and the
+    student is fine-tuned on it in the paper's student format (thought, then solution)."""
+
+    teacher: ModelConfig | None = None
+    """The explaining teacher: a GRPO-trained RLT teacher (`rlt train`'s final/), or null for
+    the compare's teacher as it is. It must share the student's vocabulary: the reward reads
+    the student's log-probs of the teacher's tokens."""
+    sampling: ExplainSampling = field(
+        default_factory=lambda: ExplainSampling(num_explanations=4, max_new_tokens=128)
+    )
+    """Explanations drawn per question (the best by reward is kept), their length and
+    temperature."""
+    solution_field: str = "answer"
+    """The training records' field the teacher is shown as the solution."""
+    tags: RLTTags = field(default_factory=RLTTags)
+    """The explanation and solution tags (change them only with prompts that name them)."""
+    teacher_system_prompt: str | None = "rlt_teacher"
+    """The explaining teacher's system prompt (a preset name, a file, text, or null)."""
+    student_system_prompt: str | None = "rlt_student"
+    """The prompt the reward's student reads the explanation under (its training prompt is
+    the compare's, so that every method's student answers alike)."""
+
+    def __post_init__(self):
+        check(bool(self.solution_field), "rlt.solution_field: empty; name the answer field")
 
 
 def train_method(cfg, name: str, seed: int, path: Path, kept: str, console) -> Method:
@@ -96,10 +128,37 @@ def _sft_then_on_policy(cfg, out: Path, kept: str, console) -> list[Path]:
     return [out / "sft", out / "on_policy"]
 
 
+def _rlt(cfg, out: Path, kept: str, console) -> list[Path]:
+    """SFT on RLT explanations of the training questions. The explanations do not depend on
+    the student's seed, so every seed shares them (`rlt-explain/`). The student trains under
+    the compare's training prompt, not RLT's student prompt, so that it answers the held-out
+    sets as every other method does; the answer is the last number of its solution tags."""
+    from potstill.rlt.config import RLTDataConfig
+    from potstill.stages.rlt_explain import RLTExplainConfig, run_explain
+
+    explained = out.parent.parent / "rlt-explain"
+    train = out.parent.parent / "data" / "train.jsonl"
+    teacher = cfg.rlt.teacher or replace(cfg.teacher, lora=None)
+    run_explain(
+        RLTExplainConfig(
+            teacher=teacher, student=replace(cfg.student, lora=None),
+            data=RLTDataConfig(source=str(train), solution_field=cfg.rlt.solution_field),
+            sampling=cfg.rlt.sampling, select="best", tags=cfg.rlt.tags,
+            teacher_system_prompt=cfg.rlt.teacher_system_prompt,
+            student_system_prompt=cfg.rlt.student_system_prompt,
+            run=_run_cfg(cfg, explained),
+        ),
+        console,
+    )  # fmt: skip
+    _sft(cfg, out, str(explained / "explained.jsonl"), console)
+    return [explained, out]
+
+
 METHOD_TRAINERS = {
     "sft": _sft,
     "logit": _logit,
     "logit_soft": _logit_soft,
     "on_policy": _on_policy,
     "sft_then_on_policy": _sft_then_on_policy,
+    "rlt": _rlt,
 }
