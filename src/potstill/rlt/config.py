@@ -7,11 +7,17 @@ sit at the top of each config under the same names as in `rlt score`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from potstill.config import check
-from potstill.config.sections import SOURCE, SamplingConfig, check_given, check_seed
+from potstill.config.sections import (
+    SOURCE,
+    SamplingConfig,
+    VLLMConfig,
+    check_given,
+    check_seed,
+)
 
 KIT_05B = "qwen2.5-coder-0.5b-instruct"
 
@@ -48,8 +54,11 @@ class GRPOConfig(SamplingConfig):
     """Sampling temperature (the policy's log-probs in the loss are taken at it too)."""
     reward_batch_size: int = 8
     """Explanations per reward forward pass."""
-    backend: Literal["hf"] = "hf"
-    """Rollout engine. hf samples from the live policy; see docs/rlt.md for vLLM."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Rollout engine. hf: the live policy's own decode loop (CPU or GPU); vllm: a vLLM engine
+    in the same process, the policy's weights pushed into it after every step (GPU)."""
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(gpu_memory_utilization=0.3))
+    """The colocated engine's settings: its share of GPU memory leaves the rest to training."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -193,7 +193,7 @@ class GRPOHooks(StepHooks):
     def __init__(
         self, *, policy, tokenizer, student, student_tokenizer, grpo: GRPOConfig,
         reward: RewardConfig, tags: RLTTags, teacher_system_prompt, student_system_prompt,
-        seed: int, reference_dir: Path, is_main: bool = True,
+        seed: int, reference_dir: Path, is_main: bool = True, engine=None,
     ):  # fmt: skip
         self.policy, self.tokenizer, self.cfg, self.reward_cfg = policy, tokenizer, grpo, reward
         self.tags, self.seed, self.reference_dir, self.is_main = tags, seed, reference_dir, is_main
@@ -206,6 +206,9 @@ class GRPOHooks(StepHooks):
         self.ref_step = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._stats: dict[str, list[float]] = {}
+        # A vLLM engine (`rlt.vllm_rollouts`) or None for hf; `version` counts the policy's
+        # optimizer steps in this process, so the engine is synced once per changed policy.
+        self.engine, self.version = engine, 0
 
     def rollout(self, model, micro_batch: int, items: list[Question]) -> list[Rollout]:
         g = self.cfg.group_size
@@ -226,8 +229,7 @@ class GRPOHooks(StepHooks):
         was_training = model.training
         model.eval()
         try:
-            backend = HFBackend(model, self.tokenizer, batch_size=len(requests))
-            out = {r.key: gen for r, gen in backend.generate(requests, sampling)}
+            out = self._generate(model, requests, sampling)
             samples = [self._sample(items[j // g], out[r.key]) for j, r in enumerate(requests)]
             rewards = []
             for start in range(0, len(samples), self.cfg.reward_batch_size):
@@ -252,6 +254,13 @@ class GRPOHooks(StepHooks):
         # had a learning signal (a near-deterministic teacher samples G identical texts).
         self._stats.setdefault("flat_groups", []).extend([1.0] * flat + [0.0] * (len(items) - flat))
         return rollouts
+
+    def _generate(self, model, requests, sampling) -> dict:
+        if self.engine is None:
+            backend = HFBackend(model, self.tokenizer, batch_size=len(requests))
+            return {r.key: gen for r, gen in backend.generate(requests, sampling)}
+        self.engine.sync(model, self.version)
+        return self.engine.generate(requests, sampling)
 
     def _sample(self, q: Question, generation) -> Sample:
         closed = self.tags.explanation_end in self.tokenizer.decode(generation.token_ids or [])
@@ -297,6 +306,7 @@ class GRPOHooks(StepHooks):
         add("skipped", []).extend(float(r.rlt_reward is None) for r in rewards)
 
     def after_step(self, step: int, logged: dict[str, float]) -> None:
+        self.version += 1  # the policy moved: the next rollout syncs the engine first
         stats, self._stats = self._stats, {}
         for key, values in stats.items():
             if values:

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from potstill.config.sections import LoraConfig, ModelConfig, RunConfig, TrainConfig
-from potstill.distributed import is_main_process
+from potstill.distributed import is_main_process, world_size
 from potstill.rlt.config import KIT_05B, GRPOConfig, RLTDataConfig
 from potstill.rlt.data import load_rlt_records
 from potstill.rlt.grpo import GRPOHooks, Question, collate, make_loss_fn
 from potstill.rlt.prompts import RLTTags
 from potstill.rlt.rewards import RewardConfig
+from potstill.rlt.vllm_rollouts import VLLMRollouts
 from potstill.train.fit import Fit, fit
 
 
@@ -79,10 +80,25 @@ def load_pair(cfg: RLTTrainConfig):
     return teacher, teacher_tok, student, student_tok
 
 
+def check_vllm_rollouts() -> None:
+    """vLLM rollouts need vLLM, and run one engine in one process (colocated)."""
+    from potstill.errors import ConfigError
+    from potstill.teacher.vllm_backend import import_vllm
+
+    if world_size() > 1:
+        raise ConfigError(
+            "grpo.backend: vllm runs one colocated engine in a single training process; launch "
+            "without accelerate's multi-process mode or set grpo.backend: hf"
+        )
+    import_vllm()
+
+
 def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume: bool = False):
 
     console = console or Console(stderr=True)
     questions = load_questions(cfg)
+    if cfg.grpo.backend == "vllm":
+        check_vllm_rollouts()  # before any weights load: a missing vLLM is one line, now
     teacher, tokenizer, student, student_tok = load_pair(cfg)
     g = cfg.grpo.group_size
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
@@ -91,22 +107,33 @@ def run_rlt_train(cfg: RLTTrainConfig, console: Console | None = None, *, resume
         f"question{'s' if per_step > 1 else ''} per step (and per process)"
     )
 
+    engines = []
+
     def hooks(run, policy):  # the policy as trained: with its LoRA adapters, if any
+        if cfg.grpo.backend == "vllm":
+            engines.append(VLLMRollouts(
+                cfg.teacher.name, cfg.grpo.vllm, dtype=cfg.teacher.dtype, seed=cfg.train.seed,
+            ))  # fmt: skip
         return GRPOHooks(
             policy=policy, tokenizer=tokenizer, student=student, student_tokenizer=student_tok,
             grpo=cfg.grpo, reward=cfg.reward, tags=cfg.tags,
             teacher_system_prompt=cfg.teacher_system_prompt,
             student_system_prompt=cfg.student_system_prompt, seed=cfg.train.seed,
             reference_dir=run.path / "reference", is_main=is_main_process(),
+            engine=engines[0] if engines else None,
         )  # fmt: skip
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     counts = {"questions": len(questions), "group_size": g}
     spec = Fit("rlt train", cfg, cfg.teacher, cfg.train, cfg.run, [cfg.data.source], counts)
-    result, final = fit(
-        teacher, tokenizer, questions, spec, collate=lambda rollouts: collate(rollouts, pad),
-        loss_fn=make_loss_fn(cfg.grpo), console=console, resume=resume, hooks=hooks,
-        final_metric="reward_mean",
-    )  # fmt: skip
+    try:
+        result, final = fit(
+            teacher, tokenizer, questions, spec, collate=lambda rollouts: collate(rollouts, pad),
+            loss_fn=make_loss_fn(cfg.grpo), console=console, resume=resume, hooks=hooks,
+            final_metric="reward_mean",
+        )  # fmt: skip
+    finally:  # free the engine's GPU memory whether training ended or failed
+        for engine in engines:
+            engine.close()
     console.print(f"[green]done[/] {result['step']} GRPO steps; teacher saved to {final}")
     return result
