@@ -12,7 +12,9 @@ micro-batch (from the second step on, AdamW's state exists):
   and one layer is recomputed at a time;
 - the loss's buffers: sft's [tokens, V] logits path, distill's fused-loss chunk
   (`losses.chunked.chunk_rows` rows × V × `ROW_BUFFERS` float32 buffers);
-- the teacher (online): its weights in inference, plus its last hidden states.
+- the teacher (online): its weights in inference, plus its last hidden states;
+- on CPU, the allocator's retention: freed activation pages glibc's malloc keeps
+  (`ALLOCATOR_RETENTION_CPU`), and the process's own overhead (`RUNTIME_CPU_BYTES`).
 
 Time per optimizer step is FLOPs over a throughput: forward 2·N per token, the backward's input
 gradients 2·N per token through the trained layers, weight gradients 2·N_trained per token (full
@@ -22,6 +24,7 @@ fine-tuning: 6·N in all), gradient checkpointing one more forward, an online te
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -40,6 +43,14 @@ RUNTIME_CPU_BYTES = 185 << 20
 (peft alone ~140 MiB), accelerate's state, thread pools. Measured as the peak of a 2-step sft and
 distill run of the tiny test model (hidden 32: its tensors weigh kilobytes): 185-186 MiB. On a
 GPU the plan counts the allocator's bytes, where these are not."""
+ALLOCATOR_RETENTION_CPU = 1.25
+"""Freed memory glibc's malloc keeps on CPU, as a multiple of the activations: after a large
+block is freed its mmap threshold rises, later blocks come from arenas it does not trim, and a
+step's freed activations stay resident beside the next step's. Measured as the peak's drop when
+the trainer runs with `RETURN_FREED_ENV` (the rest of the plan then matches within 2-7%):
+1.07×, 1.33× and 1.47× the activations on three runs of small random models (docs/doctor.md)."""
+RETURN_FREED_ENV = "MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0"
+"""glibc settings under which large blocks are mapped and freed memory goes back at once."""
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -96,6 +107,9 @@ class Settings:
     chunk_size: int | None = None
     runtime_bytes: int = 0
     """The process's own overhead (`RUNTIME_CPU_BYTES` on CPU, 0 on a GPU)."""
+    allocator_retention: float = 0.0
+    """`ALLOCATOR_RETENTION_CPU` on CPU unless `RETURN_FREED_ENV` is set; 0 on a GPU (the
+    caching allocator's bytes are the tensors')."""
 
     @property
     def tokens(self) -> int:
@@ -134,7 +148,13 @@ def settings_from_config(cfg, stage: str, on_gpu: bool) -> Settings:
         teacher_bytes=dtype_bytes(teacher.model.dtype, on_gpu) if teacher else 2,
         chunk_size=cfg.loss.chunk_size if stage == "distill" else None,
         runtime_bytes=0 if on_gpu else RUNTIME_CPU_BYTES,
+        allocator_retention=0.0 if on_gpu or _returns_freed() else ALLOCATOR_RETENTION_CPU,
     )
+
+
+def _returns_freed() -> bool:
+    """Whether this environment (which the trainer inherits) sets glibc's mmap threshold."""
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ
 
 
 def lora_parameters(shape: Shape, s: Settings) -> int:
@@ -181,13 +201,14 @@ class MemoryPlan:
     loss_chunks: int
     teacher: int
     runtime: int
+    allocator: int
     trainable: int
 
     @property
     def peak(self) -> int:
         return (
             self.weights + self.gradients + self.optimizer + self.activations
-            + self.loss_chunks + self.teacher + self.runtime
+            + self.loss_chunks + self.teacher + self.runtime + self.allocator
         )  # fmt: skip
 
 
@@ -223,16 +244,18 @@ def plan_memory(student: Shape, teacher: Shape | None, s: Settings) -> MemoryPla
     trained_bytes = FLOAT32 if s.lora_rank is not None else s.weight_bytes
     without = activation_bytes(student, s, checkpointing=False)
     with_ = activation_bytes(student, s, checkpointing=True)
+    activations = with_ if s.gradient_checkpointing else without
     return MemoryPlan(
         weights=student.parameters * s.weight_bytes + adapters * FLOAT32,
         gradients=trainable * trained_bytes,
         optimizer=2 * trainable * trained_bytes,
-        activations=with_ if s.gradient_checkpointing else without,
+        activations=activations,
         activations_without_checkpointing=without,
         activations_with_checkpointing=with_,
         loss_chunks=loss_bytes(student, s),
         teacher=teacher_bytes(teacher, s),
         runtime=s.runtime_bytes,
+        allocator=int(s.allocator_retention * activations),
         trainable=trainable,
     )
 
@@ -304,6 +327,10 @@ def suggestions(student: Shape, teacher: Shape | None, s: Settings, available: i
             tries.append(("teacher.model.dtype=bfloat16", replace(s, teacher_bytes=2)))
         tries.append(("teacher.mode=offline (a `potstill teacher cache` first)",
                       replace(s, teacher_mode="offline")))  # fmt: skip
+    if s.allocator_retention:
+        returned = replace(s, allocator_retention=0.0)
+        tries.append((f"{RETURN_FREED_ENV} in the environment (freed memory goes back to the "
+                      "system; steps run slower)", returned))  # fmt: skip
     fits = [text for text, t in tries if plan_memory(student, teacher, t).peak <= available]
     if fits:
         return fits
@@ -351,6 +378,8 @@ def plan_lines(plan: Plan, s: Settings) -> list[str]:
         ("loss chunks", m.loss_chunks, "sft logits" if s.stage == "sft" else "fused-loss chunk"),
         ("teacher", m.teacher, s.teacher_mode or "none (sft)"),
         ("runtime", m.runtime, "libraries and thread pools (CPU)" if m.runtime else "none"),
+        ("allocator", m.allocator, f"freed activations glibc keeps (CPU; {RETURN_FREED_ENV} "
+         "returns them)" if m.allocator else "none"),
     ]  # fmt: skip
     lines = [f"plan ({s.stage}, {s.micro_batch_size} × {s.max_seq_len} tokens a micro-batch, "
              f"{s.grad_accum} a step):"]  # fmt: skip
