@@ -18,8 +18,12 @@ fp32, so the values agree to ~1e-6 and the speedup comes from work skipped, not 
 On a CPU, a forward costs the same FLOPs batched or not: what remains is the shared prefix and
 the positions the rewards never read.
 
-Ends with `RESULT speedup=… max_abs_diff=… cpu_time_speedup=… mixed_speedup=…` (speedup: wall
-time of the group case; cpu_time_speedup: the same in process CPU time).
+It also counts the multiply-adds each path must do (transformer body per token run, lm_head per
+position a log-prob is taken; attention left out): their ratio, `work_ratio`, is the speedup's
+ceiling for skipping work alone, since on a CPU a batched forward costs the same per token.
+
+Ends with `RESULT speedup=… max_abs_diff=… cpu_time_speedup=… work_ratio=… mixed_speedup=…`
+(speedup: wall time of the group case; cpu_time_speedup: the same in process CPU time).
 """
 
 from __future__ import annotations
@@ -60,6 +64,25 @@ def batches(tokenizer, g: int, tokens: int) -> dict[str, list[Sample]]:
             Sample(r["question"], r["solution"], expl[i], id=r["id"]) for i, r in enumerate(records)
         ],
     }
+
+
+def work_ratio(models: RLTModels, samples: list[Sample], model) -> float:
+    """Multiply-adds of the per-sample loop over those of the batched path (module docstring)."""
+    from potstill.rlt.logprobs import common_prefix
+    from potstill.rlt.rewards import RewardConfig, prepare
+
+    rows = prepare(models, samples, RewardConfig())
+    head = model.config.vocab_size * model.config.hidden_size
+    tied = model.config.tie_word_embeddings
+    body = sum(p.numel() for p in model.parameters()) - head * (1 if tied else 2)
+    single = batched = 0
+    for side in ("teacher_ids", "student_ids"):
+        ids = [getattr(t, side) for t in rows]
+        shared = common_prefix(ids)
+        single += sum(len(r) for r in ids) * (body + head)
+        batched += (shared + sum(len(r) - shared for r in ids)) * body
+    read = sum(len(t.teacher_expl) + len(t.student_expl) + len(t.student_sol) for t in rows)
+    return single / (batched + read * head)
 
 
 def timed(fn, *args):
@@ -108,13 +131,15 @@ def main() -> None:
             f"{c_single / c_batch:.2f}x), max |diff| {diff:.2e}"
         )
         print(f"       rewards: {', '.join(f'{r.rlt_reward:.4f}' for r in batched)}")
-        figures[name] = (t_single / t_batch, c_single / c_batch, diff)
+        ceiling = work_ratio(models, samples, model)
+        print(f"       work per-sample / batched (multiply-adds): {ceiling:.2f}x")
+        figures[name] = (t_single / t_batch, c_single / c_batch, diff, ceiling)
     main_case = figures.get("group") or figures[names[0]]
     extra = f" mixed_speedup={figures['mixed'][0]:.2f}" if "mixed" in figures else ""
-    diff = max(d for *_, d in figures.values())
+    diff = max(f[2] for f in figures.values())
     print(
         f"RESULT speedup={main_case[0]:.2f} max_abs_diff={diff:.2e} "
-        f"cpu_time_speedup={main_case[1]:.2f}{extra}"
+        f"cpu_time_speedup={main_case[1]:.2f} work_ratio={main_case[3]:.2f}{extra}"
     )
 
 
