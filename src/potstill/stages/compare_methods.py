@@ -87,7 +87,9 @@ def _logit_soft(cfg, out: Path, kept: str, console) -> list[Path]:
 
 def _logit(cfg, out: Path, kept: str, console) -> list[Path]:
     """Distill from the teacher's top-k cache over the traces; the cache is built once (it does
-    not depend on the student's seed) and shared by every logit method and seed."""
+    not depend on the student's seed) and shared by every logit method and seed. With
+    loss.cross_tokenizer it stores each token's text span, which a student with another
+    tokenizer aligns with (docs/cross_tokenizer.md)."""
     from potstill.stages.distill import DistillConfig, run_distill
     from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
@@ -96,7 +98,7 @@ def _logit(cfg, out: Path, kept: str, console) -> list[Path]:
         TeacherCacheConfig(
             teacher=replace(cfg.teacher, lora=None), data=_data(cfg, kept), k=cfg.cache_k,
             temperature=cfg.loss.temperature, max_seq_len=cfg.budget.max_seq_len,
-            run=_run_cfg(cfg, cache),
+            spans=cfg.loss.cross_tokenizer is not None, run=_run_cfg(cfg, cache),
         ),
         console,
     )  # fmt: skip

@@ -40,6 +40,7 @@ from potstill.data.alignment import (
 )
 from potstill.data.chat import end_of_turn_ids, render_chat
 from potstill.data.examples import Example
+from potstill.losses.cross_chunked import TeacherRows, chunked_cross_sums
 from potstill.losses.cross_vocab import hybrid, uld, vocab_matches
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.losses.weighting import mix
@@ -149,8 +150,11 @@ def make_soft_loss(cfg, teacher_tokenizer, student_tokenizer):
     )
 
 
-def teacher_logits_at_pairs(teacher, batch, device) -> torch.Tensor:
-    """The teacher's logits at the paired positions, (n, V_t), on `device`, no gradients."""
+def teacher_rows_at_pairs(teacher, batch, device) -> tuple[TeacherRows, int]:
+    """(rows, V_t): `rows(lo, hi)` gives the online teacher's logits at pairs lo..hi-1 on
+    `device`, no gradients. The teacher runs once per micro-batch; only its final hidden states
+    at the pairs (n, H_t) are kept, and each chunk of the loss projects its own rows, so the
+    teacher's (n, V_t) logits are never built whole."""
     head = teacher.get_output_embeddings()
     here = head.weight.device
     with torch.inference_mode():
@@ -161,20 +165,27 @@ def teacher_logits_at_pairs(teacher, batch, device) -> torch.Tensor:
             use_cache=False,
         )
         rows, positions = batch["pair_rows"].to(here), batch["pair_teacher_positions"].to(here)
-        logits = F.linear(out.last_hidden_state[rows, positions], head.weight, head.bias)
-    # clone out of inference mode: the losses' recomputation may save it for backward
-    return logits.to(device).clone()
+        hidden = out.last_hidden_state[rows, positions]
+    hidden = hidden.clone()  # out of inference mode: a chunk's recomputation reads it again
+
+    def rows_of(lo: int, hi: int) -> torch.Tensor:
+        with torch.no_grad():
+            return F.linear(hidden[lo:hi], head.weight, head.bias).to(device)
+
+    return rows_of, int(head.weight.shape[0])
 
 
 def online_teacher_at_pairs(teacher):
-    """(batch, device) -> (n, V_t): the online teacher's logits at the paired positions."""
-    return functools.partial(teacher_logits_at_pairs, teacher)
+    """(batch, device) -> (rows, V_t): the online teacher at the paired positions."""
+    return functools.partial(teacher_rows_at_pairs, teacher)
 
 
 def make_cross_loss_fn(cfg, teacher_at_pairs, soft_loss, hooks: DistillHooks):
     """(model, micro_batch, window_tokens) -> (loss, parts) for the shared loop, across
-    vocabularies. `teacher_at_pairs(batch, device)` gives the teacher's (n, V_t) logits at the
-    pairs: online (`online_teacher_at_pairs`) or from a cache (`cross_tokenizer_cache`). Logs
+    vocabularies. `teacher_at_pairs(batch, device)` gives (rows, V_t), `rows(lo, hi)` the
+    teacher's logits at pairs lo..hi-1, online (`online_teacher_at_pairs`) or from a cache
+    (`cross_tokenizer_cache.cached_teacher`); the losses run chunk by chunk from the student's
+    hidden states (`losses.cross_chunked`), so neither side's logits are built whole. Logs
     what same-vocabulary distill logs, plus `aligned`: paired positions per target token of the
     window (1.0 when every target position has a partner)."""
     temperature = cfg.loss.temperature
@@ -183,13 +194,15 @@ def make_cross_loss_fn(cfg, teacher_at_pairs, soft_loss, hooks: DistillHooks):
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX  # (B, T-1)
         hidden, head = student_final_hidden(model, batch, mask)  # (N, H)
-        student_logits = F.linear(hidden, head.weight, head.bias)  # (N, V_s)
-        ce_sum = F.cross_entropy(student_logits.float(), labels[mask], reduction="sum")
-        # row of student_logits for each (row, position) of the batch: mask is row-major
+        # target row of each (row, position) of the batch: mask is row-major, so the pairs,
+        # listed in row order, are increasing rows
         row_of = (mask.flatten().cumsum(0) - 1).view(mask.shape)
         paired = row_of[batch["pair_rows"], batch["pair_student_positions"]]  # (n,)
-        teacher_logits = teacher_at_pairs(batch, student_logits.device)  # (n, V_t)
-        soft_sum = soft_loss(student_logits[paired], teacher_logits).sum()
+        teacher_rows, teacher_vocab = teacher_at_pairs(batch, hidden.device)
+        ce_sum, soft_sum = chunked_cross_sums(
+            hidden, head.weight, head.bias, labels[mask], paired, teacher_rows, soft_loss,
+            teacher_vocab=teacher_vocab,
+        )  # fmt: skip
         kd_ratio = hooks.kd_ratio
         loss = mix(ce_sum, soft_sum, kd_ratio, temperature) / window_tokens
         tokens = int(mask.sum())

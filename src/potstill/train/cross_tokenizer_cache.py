@@ -30,6 +30,7 @@ import torch
 
 from potstill.data.alignment import align_offsets, answer_offsets, target_positions
 from potstill.errors import DataError
+from potstill.losses.cross_chunked import TeacherRows
 from potstill.losses.reduce import IGNORE_INDEX
 
 MISSING_LOG_PROB = -1e4
@@ -126,20 +127,25 @@ def collate_cached_pairs(items, cache, temperature=None) -> dict[str, torch.Tens
     }
 
 
-def cached_logits_at_pairs(batch, device, *, vocab_size: int, temperature: float) -> torch.Tensor:
-    """(n, V_t) logits whose softmax at `temperature` is each paired row's cached top k,
-    renormalised (the teacher's own distribution when k = V): T · log p on the cached ids,
-    T · MISSING_LOG_PROB elsewhere. The cached log-probs are at the loss's temperature
-    (`open_teacher_cache` checks), so softmax(T · log p / T) gives p back."""
+def cached_logits_at_pairs(
+    batch, device, *, vocab_size: int, temperature: float
+) -> tuple[TeacherRows, int]:
+    """(rows, V_t): `rows(lo, hi)` gives logits (hi - lo, V_t) whose softmax at `temperature` is
+    each paired row's cached top k, renormalised (the teacher's own distribution when k = V):
+    T · log p on the cached ids, T · MISSING_LOG_PROB elsewhere. The cached log-probs are at the
+    loss's temperature (`open_teacher_cache` checks), so softmax(T · log p / T) gives p back.
+    Rows are built chunk by chunk from the (n, k) rows, never (n, V_t) at once."""
     ids = batch["teacher_ids"].to(device)  # (n, k)
     log_probs = batch["teacher_log_probs"].to(device).float().clamp(min=MISSING_LOG_PROB)
-    logits = torch.full(
-        (ids.shape[0], vocab_size), MISSING_LOG_PROB * temperature, device=device
-    )  # (n, V_t)
-    return logits.scatter_(1, ids, log_probs * temperature)
+
+    def rows_of(lo: int, hi: int) -> torch.Tensor:
+        logits = torch.full((hi - lo, vocab_size), MISSING_LOG_PROB * temperature, device=device)
+        return logits.scatter_(1, ids[lo:hi], log_probs[lo:hi] * temperature)
+
+    return rows_of, vocab_size
 
 
 def cached_teacher(cache, temperature: float):
-    """(batch, device) -> (n, V_t) teacher logits at the pairs, from the cache's rows."""
+    """(batch, device) -> (rows, V_t): the teacher at the pairs, from the cache's rows."""
     vocab = int(cache.meta["vocab_size"])
     return functools.partial(cached_logits_at_pairs, vocab_size=vocab, temperature=temperature)
