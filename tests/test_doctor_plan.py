@@ -106,10 +106,10 @@ def test_cli_prints_the_plan_and_a_bad_config_is_one_line(tiny_model_dir, tmp_pa
     assert_one_line_error(proc, "micro_batch_size")
 
 
-def small_model(path: Path, hidden: int, seed: int) -> Path:
+def small_model(path: Path, hidden: int, seed: int, vocab: int = 320) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    Qwen2ForCausalLM(qwen_config(hidden=hidden, layers=4)).save_pretrained(path)
+    Qwen2ForCausalLM(qwen_config(hidden=hidden, layers=4, vocab=vocab)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -147,5 +147,37 @@ def test_predicted_peak_within_15_percent_of_a_real_run(tmp_path, monkeypatch, s
     plan, _ = bench.predict(stage, path, str(teacher), str(student), 1e10)
     assert (plan.memory.allocator > 0) == (allocator == "glibc default")
     measured = bench.measure(stage, path, timeout=600)  # inherits the environment set above
+    error = (plan.memory.peak - measured["peak_bytes"]) / measured["peak_bytes"]
+    assert abs(error) <= 0.15, json.dumps({"plan": plan.to_dict(), "measured": measured})
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_plan_counts_both_vocabularies_chunk(tmp_path, monkeypatch):
+    """Across tokenizers the loss chunk holds rows of both vocabularies: at 32,768 and 49,152
+    entries (ids past the small tokenizer's are never targets, but are in every softmax and
+    sort) it is most of the peak, and the plan's `CROSS_ROW_BUFFERS` must account for it. One
+    tokenizer on both sides, so every target is paired: the plan's worst case is the case."""
+    sys.path.insert(0, str(BENCH))
+    import doctor_plan as bench
+
+    from potstill.memory_plan import CROSS_ROW_BUFFERS, RETURN_FREED_ENV
+
+    for pair in RETURN_FREED_ENV.split():
+        monkeypatch.setenv(*pair.split("="))
+    student = small_model(tmp_path / "student", 256, 0, vocab=32_768)
+    teacher = small_model(tmp_path / "teacher", 384, 1, vocab=49_152)
+    data = bench.long_records(tmp_path / "records.jsonl", 4, 80)
+    cfg = {"student": {"name": str(student), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+           "teacher": {"model": {"name": str(teacher)}},
+           "loss": {"cross_tokenizer": {"loss": "hybrid"}},
+           "data": {"source": str(data), "system_prompt": None},
+           "train": bench.train_section(2, 160, 4),
+           "run": {"output_dir": str(tmp_path / "run"), "log_with": []}}  # fmt: skip
+    path = bench.write_yaml(tmp_path / "config.yaml", cfg)
+    plan, settings = bench.predict("distill", path, str(teacher), str(student), 1e10)
+    assert settings.cross_tokenizer
+    # 4 × 159 target rows, chunks of cross_chunk_rows(32,768, 49,152) = 512 (and 124)
+    assert plan.memory.loss_chunks == 512 * (32_768 + 49_152) * 4 * CROSS_ROW_BUFFERS
+    measured = bench.measure("distill", path, timeout=600)
     error = (plan.memory.peak - measured["peak_bytes"]) / measured["peak_bytes"]
     assert abs(error) <= 0.15, json.dumps({"plan": plan.to_dict(), "measured": measured})

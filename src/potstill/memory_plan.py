@@ -11,7 +11,8 @@ micro-batch (from the second step on, AdamW's state exists):
   micro_batch_size × max_seq_len tokens; with gradient checkpointing each layer keeps its input
   and one layer is recomputed at a time;
 - the loss's buffers: sft's [tokens, V] logits path, distill's fused-loss chunk
-  (`losses.chunked.chunk_rows` rows × V × `ROW_BUFFERS` float32 buffers);
+  (`losses.chunked.chunk_rows` rows × V × `ROW_BUFFERS` float32 buffers); across tokenizers
+  one chunk of both sides' rows (`losses.cross_chunked`, × `CROSS_ROW_BUFFERS`);
 - the teacher (online): its weights in inference, plus its last hidden states;
 - on CPU, the allocator's retention: freed activation pages glibc's malloc keeps
   (`ALLOCATOR_RETENTION_CPU`), and the process's own overhead (`RUNTIME_CPU_BYTES`).
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 from potstill.losses.chunked import ROW_BUFFERS, chunk_rows, eager_chunk_rows
+from potstill.losses.cross_chunked import cross_chunk_rows
 
 GIB = 1 << 30
 FLOAT32 = 4
@@ -38,6 +40,10 @@ SFT_ROW_BUFFERS = 4
 log-softmax, and in the backward its gradient and the logits' gradient."""
 TOPK_ROW_BUFFERS = 7
 """Offline (top-k teacher) chunk buffers, the most `losses.chunked.ROW_BUFFERS` lists for them."""
+CROSS_ROW_BUFFERS = 6
+"""float32 copies of a chunk's student [c, V_s] and teacher [c, V_t] rows the cross-vocabulary
+loss holds at its peak (the hybrid loss's log-softmaxes, renormalised matched parts, the
+unmatched sort and the gradient): 5.8 measured on the kit pair (benchmarks/cross_tokenizer.py)."""
 RUNTIME_CPU_BYTES = 185 << 20
 """What a trainer process holds beyond its tensors on CPU: the libraries the stage imports
 (peft alone ~140 MiB), accelerate's state, thread pools. Measured as the peak of a 2-step sft and
@@ -104,6 +110,8 @@ class Settings:
     teacher_mode: str | None = None
     """online, on_policy, offline, or None (sft)."""
     teacher_bytes: int = 2
+    cross_tokenizer: bool = False
+    """loss.cross_tokenizer: the teacher's vocabulary is another one (its rows are chunked too)."""
     chunk_size: int | None = None
     runtime_bytes: int = 0
     """The process's own overhead (`RUNTIME_CPU_BYTES` on CPU, 0 on a GPU)."""
@@ -146,6 +154,7 @@ def settings_from_config(cfg, stage: str, on_gpu: bool) -> Settings:
         lora_top_layers=lora.top_layers if lora else None,
         teacher_mode=teacher.mode if teacher else None,
         teacher_bytes=dtype_bytes(teacher.model.dtype, on_gpu) if teacher else 2,
+        cross_tokenizer=stage == "distill" and cfg.loss.cross_tokenizer is not None,
         chunk_size=cfg.loss.chunk_size if stage == "distill" else None,
         runtime_bytes=0 if on_gpu else RUNTIME_CPU_BYTES,
         allocator_retention=0.0 if on_gpu or _returns_freed() else ALLOCATOR_RETENTION_CPU,
@@ -221,11 +230,14 @@ def activation_bytes(shape: Shape, s: Settings, checkpointing: bool) -> int:
     return layers * per_layer
 
 
-def loss_bytes(shape: Shape, s: Settings) -> int:
+def loss_bytes(shape: Shape, s: Settings, teacher: Shape | None = None) -> int:
     """The loss's float32 [rows, V] buffers at their peak."""
     rows = s.micro_batch_size * (s.max_seq_len - 1)  # every position a target: the worst case
     if s.stage == "sft":
         return rows * shape.vocab * FLOAT32 * SFT_ROW_BUFFERS
+    if s.cross_tokenizer and teacher is not None:  # every target paired: the worst case
+        chunk = min(s.chunk_size or cross_chunk_rows(shape.vocab, teacher.vocab), rows)
+        return chunk * (shape.vocab + teacher.vocab) * FLOAT32 * CROSS_ROW_BUFFERS
     buffers = TOPK_ROW_BUFFERS if s.teacher_mode == "offline" else ROW_BUFFERS
     chunk = eager_chunk_rows(s.chunk_size or chunk_rows(shape.vocab), rows)
     return chunk * shape.vocab * FLOAT32 * buffers
@@ -252,7 +264,7 @@ def plan_memory(student: Shape, teacher: Shape | None, s: Settings) -> MemoryPla
         activations=activations,
         activations_without_checkpointing=without,
         activations_with_checkpointing=with_,
-        loss_chunks=loss_bytes(student, s),
+        loss_chunks=loss_bytes(student, s, teacher),
         teacher=teacher_bytes(teacher, s),
         runtime=s.runtime_bytes,
         allocator=int(s.allocator_retention * activations),
@@ -361,34 +373,3 @@ def make_plan(
         memory, flops / throughput, flops, throughput, throughput_source, available,
         available_source, verdict, [] if fits else suggestions(student, teacher, s, available),
     )  # fmt: skip
-
-
-def plan_lines(plan: Plan, s: Settings) -> list[str]:
-    """The plan as text, one part a line, the verdict last."""
-    m = plan.memory
-    ckpt = "on" if s.gradient_checkpointing else "off"
-    rows = [
-        ("weights", m.weights, f"{s.weight_bytes} bytes a weight"
-         + (f", LoRA r={s.lora_rank} in float32" if s.lora_rank else ", full fine-tuning")),
-        ("gradients", m.gradients, f"{m.trainable:,} trained values"),
-        ("AdamW state", m.optimizer, "two moments a trained value"),
-        ("activations", m.activations, f"checkpointing {ckpt}; without "
-         f"{m.activations_without_checkpointing / GIB:.3f} GiB, with "
-         f"{m.activations_with_checkpointing / GIB:.3f} GiB"),
-        ("loss chunks", m.loss_chunks, "sft logits" if s.stage == "sft" else "fused-loss chunk"),
-        ("teacher", m.teacher, s.teacher_mode or "none (sft)"),
-        ("runtime", m.runtime, "libraries and thread pools (CPU)" if m.runtime else "none"),
-        ("allocator", m.allocator, f"freed activations glibc keeps (CPU; {RETURN_FREED_ENV} "
-         "returns them)" if m.allocator else "none"),
-    ]  # fmt: skip
-    lines = [f"plan ({s.stage}, {s.micro_batch_size} × {s.max_seq_len} tokens a micro-batch, "
-             f"{s.grad_accum} a step):"]  # fmt: skip
-    lines += [f"  {name:12} {value / GIB:8.3f} GiB  {note}" for name, value, note in rows]
-    lines.append(f"  {'peak':12} {m.peak / GIB:8.3f} GiB")
-    lines.append(
-        f"  time: ~{plan.seconds_per_step:.2f} s an optimizer step ({plan.flops_per_step:.3g} "
-        f"FLOPs at {plan.throughput / 1e9:.1f} GFLOP/s, {plan.throughput_source})"
-    )
-    lines.append(f"plan verdict: {plan.verdict} ({plan.available_source})")
-    lines += [f"  would fit: {text}" for text in plan.suggestions]
-    return lines

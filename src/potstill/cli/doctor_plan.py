@@ -57,7 +57,6 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
         make_plan,
         measure_throughput,
         model_shape,
-        plan_lines,
         settings_from_config,
     )
     from potstill.models import load_model_config
@@ -88,3 +87,38 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
     if named != student:
         notes.append(f"  note: the config's student is {named}; planned for {student}")
     return plan, plan_lines(plan, settings) + notes
+
+
+def plan_lines(plan, s) -> list[str]:
+    """The plan as text, one part a line, the verdict last."""
+    from potstill.memory_plan import GIB, RETURN_FREED_ENV
+
+    m = plan.memory
+    loss = {"sft": "sft logits"}.get(s.stage, "fused-loss chunk")
+    loss = "cross-tokenizer chunk (both vocabularies)" if s.cross_tokenizer else loss
+    ckpt = "on" if s.gradient_checkpointing else "off"
+    rows = [
+        ("weights", m.weights, f"{s.weight_bytes} bytes a weight"
+         + (f", LoRA r={s.lora_rank} in float32" if s.lora_rank else ", full fine-tuning")),
+        ("gradients", m.gradients, f"{m.trainable:,} trained values"),
+        ("AdamW state", m.optimizer, "two moments a trained value"),
+        ("activations", m.activations, f"checkpointing {ckpt}; without "
+         f"{m.activations_without_checkpointing / GIB:.3f} GiB, with "
+         f"{m.activations_with_checkpointing / GIB:.3f} GiB"),
+        ("loss chunks", m.loss_chunks, loss),
+        ("teacher", m.teacher, s.teacher_mode or "none (sft)"),
+        ("runtime", m.runtime, "libraries and thread pools (CPU)" if m.runtime else "none"),
+        ("allocator", m.allocator, f"freed activations glibc keeps (CPU; {RETURN_FREED_ENV} "
+         "returns them)" if m.allocator else "none"),
+    ]  # fmt: skip
+    lines = [f"plan ({s.stage}, {s.micro_batch_size} × {s.max_seq_len} tokens a micro-batch, "
+             f"{s.grad_accum} a step):"]  # fmt: skip
+    lines += [f"  {name:12} {value / GIB:8.3f} GiB  {note}" for name, value, note in rows]
+    lines.append(f"  {'peak':12} {m.peak / GIB:8.3f} GiB")
+    lines.append(
+        f"  time: ~{plan.seconds_per_step:.2f} s an optimizer step ({plan.flops_per_step:.3g} "
+        f"FLOPs at {plan.throughput / 1e9:.1f} GFLOP/s, {plan.throughput_source})"
+    )
+    lines.append(f"plan verdict: {plan.verdict} ({plan.available_source})")
+    lines += [f"  would fit: {text}" for text in plan.suggestions]
+    return lines

@@ -201,7 +201,7 @@ def make_cross_loss_fn(cfg, teacher_at_pairs, soft_loss, hooks: DistillHooks):
         teacher_rows, teacher_vocab = teacher_at_pairs(batch, hidden.device)
         ce_sum, soft_sum = chunked_cross_sums(
             hidden, head.weight, head.bias, labels[mask], paired, teacher_rows, soft_loss,
-            teacher_vocab=teacher_vocab,
+            teacher_vocab=teacher_vocab, chunk_size=cfg.loss.chunk_size,
         )  # fmt: skip
         kd_ratio = hooks.kd_ratio
         loss = mix(ce_sum, soft_sum, kd_ratio, temperature) / window_tokens

@@ -135,7 +135,8 @@ class KDLossConfig:
     """Offline top-k teacher: the mass outside the k tokens as one bucket, or renormalised away."""
     chunk_size: int | None = None
     """Tokens per lm_head chunk of the fused loss (default: as many as keep one chunk's float32
-    buffers within 1 GiB, `potstill.losses.chunk_rows`: 640 at V = 32k, 128 at V = 152k)."""
+    buffers within 1 GiB, `potstill.losses.chunk_rows`: 640 at V = 32k, 128 at V = 152k; across
+    tokenizers `losses.cross_chunked.cross_chunk_rows`, 128 for Qwen and SmolLM2)."""
     cross_tokenizer: CrossTokenizerConfig | None = None
     """Teacher and student with different vocabularies (online, or offline from a cache made
     with spans=true): the answer's two tokenizations are aligned by characters and compared by
