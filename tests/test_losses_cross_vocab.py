@@ -20,9 +20,11 @@ def naive_uld(student_logits, teacher_logits, temperature=1.0, top_k=None) -> li
         q, p = sorted(q / q.sum(), reverse=True), sorted(p / p.sum(), reverse=True)
         width = max(len(p), len(q))
         q, p = q + [0.0] * (width - len(q)), p + [0.0] * (width - len(p))
-        if top_k is not None:
+        tail = 0.0
+        if top_k is not None:  # the mass past rank k, one number a side
+            tail = abs(sum(p[top_k:]) - sum(q[top_k:]))
             q, p = q[:top_k], p[:top_k]
-        out.append(sum(abs(a - b) for a, b in zip(p, q, strict=True)))
+        out.append(sum(abs(a - b) for a, b in zip(p, q, strict=True)) + tail)
     return out
 
 
@@ -56,8 +58,8 @@ def test_uld_closed_forms():
     p, q = torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[0.6, 0.4]])
     assert float(uld(q.log(), p.log())[0]) == pytest.approx(0.4, abs=1e-6)
     assert float(uld_core(q, p)[0]) == pytest.approx(0.4, abs=1e-6)
-    # top_k = 1 compares the largest probabilities only: |.5 - .6|
-    assert float(uld(q.log(), p.log(), top_k=1)[0]) == pytest.approx(0.1, abs=1e-6)
+    # top_k = 1: the largest probabilities, |.5 - .6|, and the rest as one mass, |.5 - .4|
+    assert float(uld(q.log(), p.log(), top_k=1)[0]) == pytest.approx(0.2, abs=1e-6)
     # disjoint certainties are identical under ULD: both one-hot, whatever the token
     assert float(uld(torch.tensor([[-1e4, 0.0, -1e4]]), torch.tensor([[0.0, -1e4]]))[0]) == 0.0
 
@@ -75,7 +77,13 @@ def test_uld_top_k_is_a_lower_bound_and_exact_at_full_width():
     student, teacher = logits_pair(rows=20)
     full = uld(student, teacher)
     assert torch.equal(uld(student, teacher, top_k=11), full)
-    assert bool((uld(student, teacher, top_k=3) <= full + 1e-7).all())
+    assert bool((uld(student, teacher, top_k=3) <= full + 1e-6).all())
+    # a teacher with mass on 3 tokens only (a top-3 cache): top_k = 3 is the full value
+    cached = teacher.clone()
+    cached[cached < cached.topk(3, dim=-1).values[:, -1:]] = -1e4
+    exact = uld(student, cached)
+    assert torch.allclose(uld(student, cached, top_k=3), exact, atol=1e-6)
+    assert bool((uld(student, cached, top_k=2) < exact - 1e-4).any())
     assert bool((full > 0).all()) and bool((full <= 2).all())
 
 

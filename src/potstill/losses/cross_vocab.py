@@ -94,13 +94,22 @@ def _sorted_head(probs: Tensor, width: int) -> Tensor:
 
 def uld_core(q: Tensor, p: Tensor, top_k: int | None = None) -> Tensor:
     """ULD on probabilities: Σ_i |p_(i) − q_(i)| over the sorted, zero-padded vectors.
-    q (n, V_s), p (n, V_t) -> (n,). With `top_k` only the k largest of each side are compared
-    (a lower bound of the full value, equal to it when neither side has mass past rank k)."""
+    q (n, V_s), p (n, V_t) -> (n,).
+
+    With `top_k` the k largest of each side are compared one by one and the mass past rank k
+    as one number, |P_tail − Q_tail|: a lower bound of the full value (triangle inequality),
+    exact when either side has no mass past rank k, as a top-k teacher cache with k ≤ top_k
+    has (then the full sum's tail is Σ_{i>k} q_(i) = Q_tail). A top-k instead of a full sort."""
     longest = max(q.shape[-1], p.shape[-1])
     width = longest if top_k is None else min(top_k, longest)
     if width == 0:
         return q.new_zeros(q.shape[:-1])
-    return (_sorted_head(p, width) - _sorted_head(q, width)).abs().sum(-1)
+    head_p, head_q = _sorted_head(p, width), _sorted_head(q, width)
+    loss = (head_p - head_q).abs().sum(-1)
+    if width < longest:
+        tail_p, tail_q = p.sum(-1) - head_p.sum(-1), q.sum(-1) - head_q.sum(-1)
+        loss = loss + (tail_p - tail_q).abs()
+    return loss
 
 
 def _uld_rows(student_logits: Tensor, teacher_logits: Tensor, temperature, top_k) -> Tensor:
@@ -187,9 +196,9 @@ def uld(
 
     With q = softmax(student_logits / T), p = softmax(teacher_logits / T), both sorted
     decreasingly and the shorter zero-padded to max(V_s, V_t): Σ_i |p_(i) − q_(i)|, in [0, 2].
-    `top_k` compares only the k largest probabilities of each side: a top-k instead of a full
-    sort of V entries, the cheap variant (the mass past rank k is ignored, so it is a lower bound
-    of the full loss). `chunk_size` rows are processed at a time (None: a quarter of
+    `top_k` compares the k largest probabilities of each side one by one and the rest as one
+    mass (`uld_core`): a top-k instead of a full sort of V entries, a lower bound of the full
+    loss, exact when the teacher has no mass past rank k (a top-k cache with k ≤ top_k). `chunk_size` rows are processed at a time (None: a quarter of
     `default_chunk_size(max V)`, 128 rows for a 152k vocabulary). The teacher's logits are
     detached.
     """
