@@ -67,10 +67,8 @@ class RayBackend(Backend):
         try:
             self.pool = Pool(self.cluster, ray, GenerateWorker, model, backend, batch_size)
             info = self.pool.call(0, "info")
-        except BaseException as exc:
+        except BaseException:
             self.close()
-            if isinstance(exc, self.cluster.ray.exceptions.RayError):
-                raise ModelError(f"engine: ray: a worker could not start: {exc}") from None
             raise
         self.name = info["name"]
         self._describe = info["describe"]

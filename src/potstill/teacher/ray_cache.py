@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from potstill.config.engine import RayConfig
 from potstill.config.sections import ModelConfig
 from potstill.data.examples import Example
-from potstill.errors import ModelError
 from potstill.teacher.cache_batch import BatchRows, CacheSpec, LocalTeacher
 from potstill.teacher.ray_pool import Cluster, Failed, Pool
 
@@ -45,10 +44,8 @@ class RayTeacher:
         try:
             self.pool = Pool(self.cluster, ray, CacheWorker, teacher, spec)
             self.vocab_size = self.pool.call(0, "vocab_size")
-        except BaseException as exc:
+        except BaseException:
             self.close()
-            if isinstance(exc, self.cluster.ray.exceptions.RayError):
-                raise ModelError(f"engine: ray: a worker could not start: {exc}") from None
             raise
 
     def run(

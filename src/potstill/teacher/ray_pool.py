@@ -13,12 +13,13 @@ Ray is imported only here, and only when `engine: ray` runs (`import_ray`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from potstill.config.engine import RayConfig
-from potstill.errors import ConfigError
+from potstill.errors import ConfigError, ModelError
 from potstill.redact import redact
 
 MISSING_RAY = "engine: ray needs Ray: pip install 'potstill[ray]' (or set engine: local)"
@@ -54,6 +55,14 @@ def one_line(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {lines[-1] if lines else ''}")[:500]
 
 
+def startup_error(exc: BaseException) -> ModelError:
+    """A worker that could not start (its model did not load), as potstill's one-line error: the
+    worker's own error line (a potstill error: just its message), redacted."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = re.sub(r"^potstill\.errors\.\w+: ", "", lines[-1] if lines else type(exc).__name__)
+    return ModelError(redact(f"engine: ray: a worker could not start: {last}")[:1000])
+
+
 class Cluster:
     """Joins `ray.address`, or starts a local cluster of exactly the pool's CPUs (and GPUs);
     `close` leaves it (stopping a cluster it started). An already connected driver (a library
@@ -65,17 +74,16 @@ class Cluster:
         if not self.owned:
             return
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-        # Workers import potstill as this process does (a source checkout on PYTHONPATH too).
-        env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_path())}}
-        if cfg.address:
-            ray.init(address=cfg.address, runtime_env=env, **quiet)
-        else:
-            ray.init(
-                num_cpus=cfg.num_workers * cfg.num_cpus_per_worker,
-                num_gpus=cfg.num_workers * cfg.num_gpus_per_worker,
-                runtime_env=env,
-                **quiet,
-            )
+        if cfg.address:  # its nodes have potstill installed (docs/scale_out.md)
+            ray.init(address=cfg.address, **quiet)
+            return
+        ray.init(
+            num_cpus=cfg.num_workers * cfg.num_cpus_per_worker,
+            num_gpus=cfg.num_workers * cfg.num_gpus_per_worker,
+            # workers import the potstill this process runs (a source checkout's too)
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_path())}},
+            **quiet,
+        )
 
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
@@ -87,7 +95,7 @@ def _import_path() -> list[str]:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(potstill.__file__)))
     extra = os.environ.get("PYTHONPATH", "")
-    return [root, *(p for p in extra.split(os.pathsep) if p)]
+    return [root, *(os.path.abspath(p) for p in extra.split(os.pathsep) if p)]
 
 
 class Pool:
@@ -110,7 +118,11 @@ class Pool:
             remote.options(name=f"potstill-worker-{i}").remote(*args)
             for i in range(cfg.num_workers)
         ]
-        self.retries = cfg.max_task_retries
+        try:  # every actor loaded its model (asked once: a failed load is not retried)
+            ray.get([a.pid.options(max_task_retries=0).remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            raise startup_error(exc) from None
 
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One call on actor `index`, waited for (set-up questions: the context length...)."""
