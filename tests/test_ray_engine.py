@@ -199,7 +199,7 @@ def test_batches_failing_every_retry_land_in_failed_jsonl_and_a_rerun_finishes(
     assert all(f["error"] for f in failed)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["failed"] == len(failed_ids)
-    again = run_generate(gen_config(tiny_model_dir, out, "ray", LONG_SOURCE, max_new_tokens=24))
+    again = run_generate(cfg, quiet())  # the same config: a run dir refuses another one
     ids = [r["id"] for r in read_shards(out / "samples")]
     assert sorted(ids) == sorted(every) and again["samples"] == 120
     assert "failed" not in again and not (out / "failed.jsonl").exists()
