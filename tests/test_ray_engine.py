@@ -270,7 +270,14 @@ def test_engine_ray_without_ray_is_one_line(tiny_model_dir, tmp_path):
     [
         ({"engine": "spark"}, "engine: 'spark' is not one of 'local', 'ray'"),
         ({"ray": {"num_workers": 0}}, "ray.num_workers: must be a positive integer, got 0"),
-        ({"ray": {"num_cpus_per_worker": 0}}, "ray.num_cpus_per_worker: must be > 0, got 0"),
+        (
+            {"ray": {"num_cpus_per_worker": 0}},
+            "ray.num_cpus_per_worker: must be a finite number > 0",
+        ),
+        (
+            {"ray": {"num_gpus_per_worker": float("inf")}},
+            "ray.num_gpus_per_worker: must be a finite",
+        ),
         ({"ray": {"max_restarts": -1}}, "ray.max_restarts: must be >= 0, got -1"),
         ({"ray": {"address": " "}}, "ray.address: empty"),
     ],

@@ -3,6 +3,7 @@ pool on a Ray cluster, the driver writing every result). `generate` and `teacher
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,12 +39,12 @@ class RayConfig:
             f"num_workers: must be a positive integer, got {self.num_workers}",
         )
         check(
-            self.num_cpus_per_worker > 0,
-            f"num_cpus_per_worker: must be > 0, got {self.num_cpus_per_worker}",
+            math.isfinite(self.num_cpus_per_worker) and self.num_cpus_per_worker > 0,
+            f"num_cpus_per_worker: must be a finite number > 0, got {self.num_cpus_per_worker}",
         )
         check(
-            self.num_gpus_per_worker >= 0,
-            f"num_gpus_per_worker: must be >= 0, got {self.num_gpus_per_worker}",
+            math.isfinite(self.num_gpus_per_worker) and self.num_gpus_per_worker >= 0,
+            f"num_gpus_per_worker: must be a finite number >= 0, got {self.num_gpus_per_worker}",
         )
         check(
             self.address is None or bool(self.address.strip()),

@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from potstill.config.engine import RayConfig
@@ -91,9 +92,7 @@ class Cluster:
 
 
 def _import_path() -> list[str]:
-    import potstill
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(potstill.__file__)))
+    root = str(Path(__file__).resolve().parents[2])  # the directory potstill is imported from
     extra = os.environ.get("PYTHONPATH", "")
     return [root, *(os.path.abspath(p) for p in extra.split(os.pathsep) if p)]
 
