@@ -216,30 +216,49 @@ def cli_args(model_dir, out, source=LONG_SOURCE) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_a_killed_driver_resumes_with_nothing_lost_or_twice(tiny_model_dir, tmp_path, no_ray_left):
-    reference = tmp_path / "reference"
-    run_generate(gen_config(tiny_model_dir, reference, "local", LONG_SOURCE, max_new_tokens=24))
-    out = tmp_path / "cut"
+def stop_driver_after_shards(args: list[str], samples: Path, shards: int, sig) -> tuple[int, str]:
+    """Run the CLI in its own process group; once `samples` holds more than `shards` shards,
+    send `sig` (SIGTERM to the driver, SIGKILL to the whole group); (exit code, stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "potstill", *cli_args(tiny_model_dir, out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, "-m", "potstill", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not list((out / "samples").glob("part-*.jsonl")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the driver ended before writing"
+        while len(list(samples.glob("part-*.jsonl"))) <= shards and time.monotonic() < deadline:
+            assert proc.poll() is None, "the driver ended before the stop"
             time.sleep(0.005)
+        if sig == signal.SIGKILL:
+            kill_group(proc)  # the driver, its local cluster and its actors
+        else:
+            os.kill(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=120)
     finally:
-        kill_group(proc)  # the driver, its local cluster and its actors
-        proc.wait(timeout=60)
-    before = {r["id"]: r for r in read_shards(out / "samples")}
-    assert 0 < len(before) < 120
+        kill_group(proc)
     deadline = time.monotonic() + 30
     while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray_processes() == [], "the killed driver's cluster outlived it"
-    proc = run_cli(*cli_args(tiny_model_dir, out))
+    assert ray_processes() == [], "the stopped driver's cluster outlived it"
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_or_killed_driver_resumes_with_nothing_lost_or_twice(
+    tiny_model_dir, tmp_path, no_ray_left
+):
+    reference = tmp_path / "reference"
+    run_generate(gen_config(tiny_model_dir, reference, "local", LONG_SOURCE, max_new_tokens=24))
+    out = tmp_path / "cut"
+    args = cli_args(tiny_model_dir, out)
+    code, stderr = stop_driver_after_shards(args, out / "samples", 0, signal.SIGTERM)
+    assert code == 130 and "interrupted: finished work is saved" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr  # not Ray's handler
+    first = {r["id"]: r for r in read_shards(out / "samples")}
+    code, _ = stop_driver_after_shards(args, out / "samples", len(first) // 4, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    before = {r["id"]: r for r in read_shards(out / "samples")}
+    assert 0 < len(first) < len(before) < 120
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = list(read_shards(out / "samples"))
     assert len(after) == len({r["id"] for r in after}) == 120

@@ -12,8 +12,11 @@ Ray is imported only here, and only when `engine: ray` runs (`import_ray`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,20 +78,35 @@ class Cluster:
         if not self.owned:
             return
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
-        if cfg.address:  # its nodes have potstill installed (docs/scale_out.md)
-            ray.init(address=cfg.address, **quiet)
-            return
-        ray.init(
-            num_cpus=cfg.num_workers * cfg.num_cpus_per_worker,
-            num_gpus=cfg.num_workers * cfg.num_gpus_per_worker,
-            # workers import the potstill this process runs (a source checkout's too)
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_path())}},
-            **quiet,
-        )
+        with _keep_sigterm():
+            if cfg.address:  # its nodes have potstill installed (docs/scale_out.md)
+                ray.init(address=cfg.address, **quiet)
+                return
+            ray.init(
+                num_cpus=cfg.num_workers * cfg.num_cpus_per_worker,
+                num_gpus=cfg.num_workers * cfg.num_gpus_per_worker,
+                # workers import the potstill this process runs (a source checkout's too)
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_import_path())}},
+                **quiet,
+            )
 
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def _keep_sigterm():
+    """Ray's core worker installs its own SIGTERM handler, which kills the driver at once (exit
+    -15, a C++ stack dump); put the CLI's back, so SIGTERM still stops cleanly (shards flushed,
+    exit 130) and the actors and the cluster are stopped on the way out."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main else None
+    try:
+        yield
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _import_path() -> list[str]:
