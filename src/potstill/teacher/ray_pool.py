@@ -4,8 +4,8 @@ driver in the order the batches were made, so the driver writes exactly what a l
 Ray Core actors, not Ray Data: the output must be byte for byte the local engine's, so the
 batches (which records share a padded forward pass) and the order they are written in must be
 the local ones, and a batch that fails every retry must come back as that batch, by id, to be
-listed in `failed.jsonl`. Actors give all three directly; Ray Data re-blocks the rows, and its
-operators reserve CPUs of their own that a 2-CPU node does not have beside 2 model actors.
+listed in `failed.jsonl`. Actors give all three directly; Ray Data forms its own blocks and
+batches, and schedules its own tasks beside the model actors (not tried: actors met every need).
 
 Ray is imported only here, and only when `engine: ray` runs (`import_ray`).
 """
