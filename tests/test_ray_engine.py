@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,31 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
+TAG = "POTSTILL_RAY_TEST"
+"""Set to a fresh value per test: every process the test starts (its Ray cluster's GCS, raylet
+and workers, a CLI driver's too) inherits it, so a leftover is found by it, whatever other Ray
+clusters (a parallel test worker's) run on the machine."""
+
+
 def ray_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-af", "raylet"], capture_output=True, text=True).stdout
-    return [line for line in found.splitlines() if "pgrep" not in line]
+    """The processes, other than this one, that carry this test's tag: what would outlive it."""
+    tag = f"{TAG}={os.environ[TAG]}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if tag in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 @pytest.fixture
-def no_ray_left():
-    """Fails the test if a Ray process (raylet, gcs, a worker) outlives it."""
-    assert not ray_processes(), "Ray processes left from before this test"
+def no_ray_left(monkeypatch):
+    """Fails the test if a process it started (a raylet, the GCS, a worker) outlives it."""
+    monkeypatch.setenv(TAG, uuid.uuid4().hex)
     yield
     import ray
 
@@ -92,6 +109,7 @@ def kill_when_written(directory: Path, pattern: str, index: int, seen: dict) -> 
             if shards := list(directory.glob(pattern)):
                 seen["pid"] = pid = worker_pid(index)
                 seen["shards"] = len(shards)
+                seen["tagged"] = len(ray_processes())  # the cluster, as no_ray_left sees it
                 os.kill(pid, signal.SIGKILL)
                 return
             time.sleep(0.005)
@@ -170,6 +188,7 @@ def test_a_killed_actor_is_restarted_and_its_batch_retried(tiny_model_dir, tmp_p
     counts = run_generate(gen_config(tiny_model_dir, out, "ray", LONG_SOURCE, **over), quiet())
     killer.join(timeout=60)
     assert seen["shards"] < 30, "the kill landed after the job"  # 120 samples, 30 batches
+    assert seen["tagged"] >= 4  # GCS, raylet, 2 actors at least: no_ray_left sees them
     ids = [r["id"] for r in read_shards(out / "samples")]
     assert len(ids) == len(set(ids)) == 120 and counts["samples"] == 120
     # the retried batch is the same batch, so even the files are the local engine's
