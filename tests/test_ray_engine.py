@@ -325,3 +325,20 @@ def test_bad_engine_settings_are_refused_in_one_line(override, fragment):
         with pytest.raises(ConfigError) as info:
             from_dict(config, override)
         assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_failed_jsonl_keeps_each_id_with_its_error_redacted_and_goes_once_none_fails(tmp_path):
+    from potstill.teacher.ray_pool import Failed, one_line, write_failed
+
+    remote = RuntimeError(
+        "Traceback (most recent call last):\n  File 'x.py', line 1\n"
+        "ConnectionError: http://user:sk-abcdefghijklmnopqrstuvwx@host/v1 refused"
+    )
+    error = one_line(remote)
+    assert error == "RuntimeError: ConnectionError: http://***@host/v1 refused"
+    assert write_failed(tmp_path, [Failed(["a#0", "a#1"], error), Failed(["b#0"], "E: x")]) == 3
+    rows = [json.loads(line) for line in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"id": "a#0", "error": error}, {"id": "a#1", "error": error}, {"id": "b#0", "error": "E: x"}
+    ]  # fmt: skip
+    assert write_failed(tmp_path, []) == 0 and not (tmp_path / "failed.jsonl").exists()

@@ -43,6 +43,7 @@ from potstill.errors import ConfigError
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.teacher.backends import Backend, Generation
+from potstill.teacher.ray_pool import write_failed
 from potstill.teacher.requests import (
     build_requests,
     generate_into,
@@ -179,18 +180,6 @@ def _generate(cfg, console, backend, shard, records, pairs, out) -> dict:
             f"{out}/failed.jsonl); rerun to generate them"
         )
     return counts
-
-
-def write_failed(run_path, failed) -> int:
-    """List the samples of the batches that failed every retry in `failed.jsonl` (id, error);
-    remove an earlier attempt's list once nothing failed. Returns how many failed."""
-    path = run_path / "failed.jsonl"
-    rows = [{"id": key, "error": f.error} for f in failed for key in f.ids]
-    if rows:
-        write_records(path, rows)
-    else:
-        path.unlink(missing_ok=True)
-    return len(rows)
 
 
 def _write_samples(run, samples_dir, out, shard, pairs, backend, gen, provenance, console):

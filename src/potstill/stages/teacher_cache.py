@@ -38,7 +38,6 @@ from potstill.config.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.data import read_records
 from potstill.data.alignment import target_spans
 from potstill.data.examples import record_examples
-from potstill.data.shards import write_records
 from potstill.errors import ConfigError, DataError
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
@@ -46,6 +45,7 @@ from potstill.runs import RunDir
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
 from potstill.teacher.cache_batch import CacheSpec, LocalTeacher
 from potstill.teacher.cache_format import SPANS_UNIT
+from potstill.teacher.ray_pool import write_failed
 
 Tensor = torch.Tensor
 TAIL_WARNING = 0.05
@@ -203,7 +203,7 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
                 )
         finally:
             teacher.close()  # a Ray pool stops its actors (and the cluster it started)
-        failed = _write_failed(run.path, teacher.failed)
+        failed = write_failed(run.path, teacher.failed)
         cache = open_cache(run.path, verify=False)
         counts = {
             "records": len(cache),
@@ -242,18 +242,6 @@ def open_teacher(cfg: TeacherCacheConfig, tokenizer):
 
         return RayTeacher(cfg.teacher, spec, cfg.ray)
     return LocalTeacher(cfg.teacher, spec)
-
-
-def _write_failed(run_path, failed) -> int:
-    """List the records of the batches that failed every retry in `failed.jsonl` (id, error);
-    remove an earlier attempt's list once nothing failed. Returns how many failed."""
-    path = run_path / "failed.jsonl"
-    rows = [{"id": record_id, "error": f.error} for f in failed for record_id in f.ids]
-    if rows:
-        write_records(path, rows)
-    else:
-        path.unlink(missing_ok=True)
-    return len(rows)
 
 
 def warn_tail(cfg: TeacherCacheConfig, counts: dict, console: Console) -> None:

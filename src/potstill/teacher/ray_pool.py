@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.config.engine import RayConfig
+from potstill.data.shards import write_records
 from potstill.errors import ConfigError, ModelError
 from potstill.redact import redact
 
@@ -65,6 +66,19 @@ def startup_error(exc: BaseException) -> ModelError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     last = re.sub(r"^potstill\.errors\.\w+: ", "", lines[-1] if lines else type(exc).__name__)
     return ModelError(redact(f"engine: ray: a worker could not start: {last}")[:1000])
+
+
+def write_failed(run_path: Path, failed: Sequence[Failed]) -> int:
+    """List the ids of the batches that failed every retry in `{run}/failed.jsonl` (id, error);
+    remove an earlier attempt's list once nothing failed (a rerun retried them). Returns how
+    many ids failed. Both engines call it: a local rerun of a Ray run clears the list too."""
+    path = Path(run_path) / "failed.jsonl"
+    rows = [{"id": key, "error": batch.error} for batch in failed for key in batch.ids]
+    if rows:
+        write_records(path, rows)
+    else:
+        path.unlink(missing_ok=True)
+    return len(rows)
 
 
 class Cluster:
