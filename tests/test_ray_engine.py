@@ -27,8 +27,6 @@ from potstill.stages.teacher_cache import TeacherCacheConfig, run_teacher_cache
 
 from .conftest import assert_one_line_error, kill_group, run_cli
 
-pytest.importorskip("ray")
-
 SOURCE = "rg:basic_arithmetic?size=24&seed=3"
 LONG_SOURCE = "rg:basic_arithmetic?size=60&seed=4"
 RAY = {"num_workers": 2, "num_cpus_per_worker": 1}
@@ -62,6 +60,7 @@ def ray_processes() -> list[str]:
 @pytest.fixture
 def no_ray_left(monkeypatch):
     """Fails the test if a process it started (a raylet, the GCS, a worker) outlives it."""
+    pytest.importorskip("ray")
     monkeypatch.setenv(TAG, uuid.uuid4().hex)
     yield
     import ray
