@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,17 +169,17 @@ class Pool:
         ray = self.ray
         alive = list(range(len(self.actors)))
         free, waiting, done = list(alive), {}, {}
-        todo, emit = list(range(len(batches))), 0
+        todo, emit = deque(range(len(batches))), 0  # a requeued batch goes first
         while emit < len(batches):
             ahead = emit + AHEAD_PER_WORKER * max(len(alive), 1)
             while free and todo and todo[0] < ahead:
-                index, actor = todo.pop(0), free.pop(0)
+                index, actor = todo.popleft(), free.pop(0)
                 ref = getattr(self.actors[actor], method).options(retry_exceptions=True)
                 waiting[ref.remote(batches[index], *args)] = (index, actor)
             if not waiting and not alive:  # every actor died for good: nothing can run
                 for index in todo:
                     done[index] = Failed(_ids(batches[index]), "every Ray worker died")
-                todo = []
+                todo.clear()
             if waiting:
                 (ref,), _ = ray.wait(list(waiting), num_returns=1)
                 index, actor = waiting.pop(ref)
@@ -199,7 +200,7 @@ class Pool:
         else:
             alive.remove(actor)
             if alive:
-                todo.insert(0, index)
+                todo.appendleft(index)
                 return
         done[index] = Failed(_ids(batches[index]), one_line(exc))
 
