@@ -9,6 +9,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -129,6 +130,53 @@ def test_generate_on_ray_writes_the_local_files_byte_for_byte(
     assert files(tmp_path / "ray" / "samples", "part-*.jsonl") == expected
     assert local["samples"] == on_ray["samples"] == 48
     assert "failed" not in on_ray and not (tmp_path / "ray" / "failed.jsonl").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start ended early"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no Ray head on port {port} after {seconds} s")
+
+
+@pytest.mark.slow
+def test_generate_joins_a_running_cluster_and_leaves_it_running(
+    tiny_model_dir, tmp_path, no_ray_left
+):
+    import potstill
+
+    port = free_port()
+    # the cluster's workers import this checkout's potstill, as an installed node's would
+    env = {**os.environ, "PYTHONPATH": str(Path(potstill.__file__).resolve().parents[1])}
+    env["RAY_AUTH_MODE"] = "disabled"  # `ray start` asks for a token the driver here lacks
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, head)
+        run_generate(gen_config(tiny_model_dir, tmp_path / "local", "local"), quiet())
+        joined = {**RAY, "address": f"127.0.0.1:{port}"}
+        cfg = gen_config(tiny_model_dir, tmp_path / "ray", "ray", ray=joined)
+        assert run_generate(cfg, quiet())["samples"] == 48
+        expected = files(tmp_path / "local" / "samples", "part-*.jsonl")
+        assert files(tmp_path / "ray" / "samples", "part-*.jsonl") == expected
+        assert head.poll() is None  # not this job's cluster: left running
+    finally:
+        kill_group(head)
+        head.wait(timeout=60)
 
 
 def cache_records(path: Path) -> Path:
