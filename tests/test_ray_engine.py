@@ -156,27 +156,39 @@ def test_generate_joins_a_running_cluster_and_leaves_it_running(
     import potstill
 
     port = free_port()
-    # the cluster's workers import this checkout's potstill, as an installed node's would
-    env = {**os.environ, "PYTHONPATH": str(Path(potstill.__file__).resolve().parents[1])}
-    env["RAY_AUTH_MODE"] = "disabled"  # `ray start` asks for a token the driver here lacks
+    # the cluster's workers import this checkout's potstill, as an installed node's would; the
+    # driver runs as a fresh CLI process with the head's auth mode (an earlier ray.init in this
+    # process switched it to tokens for this process and its children)
+    auth = {"RAY_AUTH_MODE": "disabled"}
+    path = str(Path(potstill.__file__).resolve().parents[1])
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
          f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
          "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **auth, "PYTHONPATH": path},
     )  # fmt: skip
     try:
         wait_for_port(port, head)
-        run_generate(gen_config(tiny_model_dir, tmp_path / "local", "local"), quiet())
-        joined = {**RAY, "address": f"127.0.0.1:{port}"}
-        cfg = gen_config(tiny_model_dir, tmp_path / "ray", "ray", ray=joined)
-        assert run_generate(cfg, quiet())["samples"] == 48
+        local = gen_config(tiny_model_dir, tmp_path / "local", "local", max_new_tokens=24)
+        run_generate(local, quiet())
+        args = [
+            *cli_args(tiny_model_dir, tmp_path / "ray", SOURCE),
+            "--set",
+            f"ray.address=127.0.0.1:{port}",
+        ]
+        proc = run_cli(*args, env=auth)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         expected = files(tmp_path / "local" / "samples", "part-*.jsonl")
+        assert len(expected) == 12
         assert files(tmp_path / "ray" / "samples", "part-*.jsonl") == expected
         assert head.poll() is None  # not this job's cluster: left running
     finally:
         kill_group(head)
         head.wait(timeout=60)
+        current = Path("/tmp/ray/ray_current_cluster")  # `ray start`'s note of its address
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def cache_records(path: Path) -> Path:

@@ -98,6 +98,7 @@ class Cluster:
                 ray.init(address=cfg.address, **quiet)
                 return
             ray.init(
+                address="local",  # a new cluster, even where `ray start` left one running
                 num_cpus=cfg.num_workers * cfg.num_cpus_per_worker,
                 num_gpus=cfg.num_workers * cfg.num_gpus_per_worker,
                 # workers import the potstill this process runs (a source checkout's too)
