@@ -401,3 +401,13 @@ def test_failed_jsonl_keeps_each_id_with_its_error_redacted_and_goes_once_none_f
         {"id": "a#0", "error": error}, {"id": "a#1", "error": error}, {"id": "b#0", "error": "E: x"}
     ]  # fmt: skip
     assert write_failed(tmp_path, []) == 0 and not (tmp_path / "failed.jsonl").exists()
+
+
+def test_an_address_nothing_answers_at_is_one_line_at_once(tiny_model_dir, tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # bound once, then closed: nothing listens there
+    args = [*cli_args(tiny_model_dir, tmp_path / "out", SOURCE), "--set", f"ray.address={address}"]
+    start = time.monotonic()
+    proc = run_cli(*args)
+    assert_one_line_error(proc, f"ray.address: nothing answers at {address}", "ray start --head")
+    assert time.monotonic() - start < 60  # Ray alone retries for minutes
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,14 @@ class Cluster:
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
         with _keep_sigterm():
             if cfg.address:  # its nodes have potstill installed (docs/scale_out.md)
-                ray.init(address=cfg.address, **quiet)
+                _check_reachable(cfg.address)
+                try:
+                    ray.init(address=cfg.address, **quiet)
+                except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+                    raise ConfigError(
+                        f"ray.address: could not join the cluster at {cfg.address} "
+                        f"({one_line(exc)}); check that it runs (ray status) and the address"
+                    ) from None
                 return
             ray.init(
                 address="local",  # a new cluster, even where `ray start` left one running
@@ -109,6 +117,23 @@ class Cluster:
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) nothing listens on at once: Ray itself retries
+    connecting for minutes before it gives up. "auto" and other forms are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=seconds).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"ray.address: nothing answers at {address} ({exc.strerror or exc}); start the "
+            "cluster (ray start --head) or fix the address, or set ray.address: null for a "
+            "local cluster"
+        ) from None
 
 
 @contextlib.contextmanager
