@@ -3,11 +3,15 @@
     potstill generate --config configs/generate.yaml --set generation.num_samples=4
     potstill generate --config configs/generate.yaml --shard 0/4     # one of 4 machines
     potstill generate --config configs/generate.yaml --merge         # once all 4 finished
+    potstill generate --config configs/generate.yaml --set engine=ray --set ray.num_workers=4
 
 Each sample is a request with a stable key (`{record id}#{k}`) and its own seed derived from the
 base seed, the record id and k, so a killed job, rerun, generates exactly the missing samples and
 they are the same samples an uninterrupted run would have made. Seeds do not depend on the shard,
-so the merged shards (`potstill.data.sharding`) hold the samples one unsharded run makes.
+so the merged shards (`potstill.data.sharding`) hold the samples one unsharded run makes. With
+`engine: ray` the model runs in a pool of Ray actors and this process writes their samples: the
+same files as the local engine (`teacher.ray_backend`); samples that failed every retry are
+listed in `failed.jsonl`, and a rerun generates them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from potstill.config.engine import Engine, RayConfig
 from potstill.config.sections import (
     BackendConfig,
     DataConfig,
@@ -38,6 +43,7 @@ from potstill.errors import ConfigError
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.teacher.backends import Backend, Generation
+from potstill.teacher.ray_pool import write_failed
 from potstill.teacher.requests import (
     build_requests,
     generate_into,
@@ -62,6 +68,11 @@ class GenerateConfig:
         default_factory=lambda: GenerationConfig(max_new_tokens=512, system_prompt="step_by_step")
     )
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/generate"))
+    engine: Engine = "local"
+    """local: the model runs in this process; ray: in `ray.num_workers` Ray actors, this
+    process writing their samples (the same files; docs/scale_out.md)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The actor pool of engine: ray."""
 
 
 def check_settings(gen: GenerationConfig, console: Console) -> None:
@@ -83,6 +94,18 @@ def check_context(backend: Backend, gen: GenerationConfig) -> None:
         )
 
 
+def open_backend(cfg: GenerateConfig) -> Backend:
+    """The configured backend, in this process or (engine: ray) on a pool of Ray actors."""
+    batch_size = cfg.generation.batch_size
+    if cfg.engine == "ray":
+        from potstill.teacher.ray_backend import RayBackend
+
+        return RayBackend(cfg.model, cfg.backend, cfg.ray, batch_size=batch_size)
+    from potstill.teacher.factory import make_backend
+
+    return make_backend(cfg.model, cfg.backend, batch_size=batch_size)
+
+
 def run_generate(
     cfg: GenerateConfig,
     console: Console | None = None,
@@ -94,8 +117,6 @@ def run_generate(
     """Generate every missing sample into `{output_dir}/samples` (a shard: into its own run
     directory under `{output_dir}/shards/`); `merge` copies the finished shards' samples into
     `{output_dir}` instead of generating. Returns the run's counts."""
-    from potstill.teacher.factory import make_backend
-
     console = console or Console(stderr=True)
     gen = cfg.generation
     if shard is not None and merge:
@@ -113,8 +134,19 @@ def run_generate(
         console.print(f"shard {shard}: {len(records)} of the records (by id)")
     console.print(f"[bold]{len(records)}[/] records × {gen.num_samples} samples")
     pairs = build_requests(records, gen, system_prompt)
-    if pairs:  # an empty shard loads no model
-        backend = backend or make_backend(cfg.model, cfg.backend, batch_size=gen.batch_size)
+    owned = backend is None and bool(pairs)  # an empty shard loads no model
+    if owned:
+        backend = open_backend(cfg)
+    try:
+        return _generate(cfg, console, backend, shard, records, pairs, out)
+    finally:
+        if owned:
+            backend.close()  # a Ray pool stops its actors (and the cluster it started)
+
+
+def _generate(cfg, console, backend, shard, records, pairs, out) -> dict:
+    gen = cfg.generation
+    if pairs:
         check_context(backend, gen)
         pairs, skipped = split_too_long(backend, pairs, prompt_limit(backend, gen))
         provenance = provenance_of(backend, cfg.model.name, gen)
@@ -132,6 +164,8 @@ def run_generate(
             run, samples_dir, out, shard, pairs, backend, gen, provenance, console
         )
         counts = sample_counts(records, samples_dir, len(skipped))
+        if failed := write_failed(run.path, getattr(backend, "failed", [])):
+            counts["failed"] = failed
         if done_samples:
             counts["tokens_per_s"] = round(done_tokens / elapsed, 2)
             counts["samples_per_s"] = round(done_samples / elapsed, 3)
@@ -140,6 +174,11 @@ def run_generate(
         f"[green]done[/] {counts['samples']} samples in {samples_dir} "
         f"({counts['truncated']} hit max_new_tokens)"
     )
+    if failed:
+        console.print(
+            f"[red]failed[/] {failed} samples failed every retry (listed in "
+            f"{out}/failed.jsonl); rerun to generate them"
+        )
     return counts
 
 

@@ -2,13 +2,16 @@
 token, so logit distillation can train without the teacher in memory.
 
     potstill teacher cache --config configs/teacher-cache.yaml --set k=32
+    potstill teacher cache --config configs/teacher-cache.yaml --set engine=ray  # Ray actors
 
 Examples are built exactly as the trainers build them (`build_example`: system prompt + question
 through the chat template, then the target and the end-of-turn token, truncated to max_seq_len).
 The teacher runs in inference mode on right-padded batches; only the hidden states at positions
 that predict a target token go through its lm_head, a chunk of rows at a time. Records with no
 target token left after truncation are skipped and counted. Rerunning resumes: cached records are
-skipped. Reading the cache back: `potstill.teacher.cache.open_cache`.
+skipped. With `engine: ray` the teacher runs in Ray actors over the same batches and this process
+writes their rows: the same cache, byte for byte (`teacher.ray_cache`); records that failed every
+retry are listed in `failed.jsonl`. Reading the cache back: `potstill.teacher.cache.open_cache`.
 """
 
 from __future__ import annotations
@@ -30,18 +33,19 @@ from rich.progress import (
 )
 
 from potstill.config import check
+from potstill.config.engine import Engine, RayConfig
 from potstill.config.sections import ModelConfig, RunConfig, SFTDataConfig
 from potstill.data import read_records
 from potstill.data.alignment import target_spans
-from potstill.data.examples import collate, record_examples
+from potstill.data.examples import record_examples
 from potstill.errors import ConfigError, DataError
-from potstill.losses.chunked import default_chunk_size
 from potstill.losses.reduce import IGNORE_INDEX
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
 from potstill.teacher.cache import CacheWriter, open_cache, tokenizer_fingerprint
+from potstill.teacher.cache_batch import CacheSpec, LocalTeacher
 from potstill.teacher.cache_format import SPANS_UNIT
-from potstill.teacher.topk import tail_lse, target_hidden, target_logits, top_k_rows
+from potstill.teacher.ray_pool import write_failed
 
 Tensor = torch.Tensor
 TAIL_WARNING = 0.05
@@ -87,6 +91,11 @@ class TeacherCacheConfig:
     (loss.cross_tokenizer; docs/cross_tokenizer.md). Needs a fast tokenizer."""
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/teacher-cache"))
     """Run directory: it is also the cache directory (meta.json, shard-*.safetensors)."""
+    engine: Engine = "local"
+    """local: the teacher runs in this process; ray: in `ray.num_workers` Ray actors, this
+    process writing their rows (the same cache; docs/scale_out.md)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The actor pool of engine: ray."""
 
     def __post_init__(self):
         check(self.k > 0, f"k: must be > 0, got {self.k}; 32 to 64 is usual")
@@ -157,7 +166,7 @@ def cache_meta(cfg: TeacherCacheConfig, tokenizer, vocab_size: int, system: str 
 
 def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -> dict:
     """Cache every record's target tokens; returns the manifest counts."""
-    from potstill.models import load_model, load_tokenizer
+    from potstill.models import load_tokenizer
 
     console = console or Console(stderr=True)
     tcfg = cfg.teacher
@@ -182,20 +191,19 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             f"[bold]{len(records)}[/] records: {len(done)} cached already, {len(pending)} to do, "
             f"{skipped} skipped (no target token within max_seq_len)"
         )
-        model = load_model(
-            tcfg.name,
-            dtype=tcfg.dtype,
-            device=tcfg.device,
-            trust_remote_code=tcfg.trust_remote_code,
-        ).eval()
-        vocab = model.get_output_embeddings().weight.shape[0]
-        if cfg.k > vocab:
-            raise ConfigError(f"k: {cfg.k} is more than the teacher's vocabulary ({vocab})")
-        meta = cache_meta(cfg, tokenizer, vocab, system)
-        with CacheWriter(run.path, meta, shard_size=cfg.shard_size) as writer:
-            tokens, tail_mass, tail_at = _cache_pending(
-                cfg, model, tokenizer, pending, writer, run, console
-            )
+        teacher = open_teacher(cfg, tokenizer)
+        try:
+            vocab = teacher.vocab_size
+            if cfg.k > vocab:
+                raise ConfigError(f"k: {cfg.k} is more than the teacher's vocabulary ({vocab})")
+            meta = cache_meta(cfg, tokenizer, vocab, system)
+            with CacheWriter(run.path, meta, shard_size=cfg.shard_size) as writer:
+                tokens, tail_mass, tail_at = _cache_pending(
+                    cfg, teacher, pending, writer, run, console
+                )
+        finally:
+            teacher.close()  # a Ray pool stops its actors (and the cluster it started)
+        failed = write_failed(run.path, teacher.failed)
         cache = open_cache(run.path, verify=False)
         counts = {
             "records": len(cache),
@@ -205,6 +213,8 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
             "skipped_no_target_tokens": skipped,
             "written_this_attempt": writer.written,
         }
+        if failed:
+            counts["failed"] = failed
         if tokens:  # of the tokens this attempt cached (a finished cache's rerun keeps the last)
             counts["tail_mass_mean"] = round(tail_mass / tokens, 6)
             for t, mass in tail_at.items():  # flat keys: manifest counts are numbers
@@ -214,8 +224,24 @@ def run_teacher_cache(cfg: TeacherCacheConfig, console: Console | None = None) -
         f"[green]done[/] {counts['records']} records, {counts['tokens']:,} tokens, "
         f"{counts['bytes_per_token']} bytes/token → {run.path}"
     )
+    if failed:
+        console.print(
+            f"[red]failed[/] {failed} records failed every retry (listed in "
+            f"{run.path / 'failed.jsonl'}); rerun to cache them"
+        )
     warn_tail(cfg, counts, console)
     return counts
+
+
+def open_teacher(cfg: TeacherCacheConfig, tokenizer):
+    """The teacher, in this process or (engine: ray) on a pool of Ray actors."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    spec = CacheSpec(cfg.k, cfg.temperature, tuple(cfg.tail_temperatures), pad)
+    if cfg.engine == "ray":
+        from potstill.teacher.ray_cache import RayTeacher
+
+        return RayTeacher(cfg.teacher, spec, cfg.ray)
+    return LocalTeacher(cfg.teacher, spec)
 
 
 def warn_tail(cfg: TeacherCacheConfig, counts: dict, console: Console) -> None:
@@ -235,21 +261,12 @@ def warn_tail(cfg: TeacherCacheConfig, counts: dict, console: Console) -> None:
         )
 
 
-def _rows(logits: Tensor, cfg: TeacherCacheConfig):
-    """(n, V) logits -> top-k ids, log-probs, log tail mass and the tail's log-sum-exps at the
-    tail temperatures (None without)."""
-    ids, log_probs, log_tail = top_k_rows(logits, cfg.k, cfg.temperature)
-    lse = tail_lse(logits, ids, cfg.tail_temperatures) if cfg.tail_temperatures else None
-    return ids, log_probs, log_tail, lse
-
-
-def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
-    """The teacher's top-k rows of every pending record into `writer`, in batches, under
-    inference mode; returns (target tokens cached, their summed tail mass, and that mass at
-    each tail temperature)."""
-    chunk = default_chunk_size(model.get_output_embeddings().weight.shape[0], budget_bytes=1 << 28)
+def _cache_pending(cfg, teacher, pending, writer, run, console):
+    """The teacher's top-k rows of every pending record into `writer`, in batches (in this
+    process or on Ray actors: the same batches, written in the same order); returns (target
+    tokens cached, their summed tail mass, and that mass at each tail temperature)."""
     pending.sort(key=lambda entry: -len(entry[1].input_ids))  # long first: memory peaks early
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    parts = [pending[i : i + cfg.batch_size] for i in range(0, len(pending), cfg.batch_size)]
     columns = [TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn()]
     tokens, tail_mass = 0, 0.0
@@ -260,33 +277,26 @@ def _cache_pending(cfg, model, tokenizer, pending, writer, run, console):
         torch.inference_mode(),
     ):
         task = progress.add_task("cache", total=len(pending), tokens=0)
-        for start in range(0, len(pending), cfg.batch_size):
-            part = pending[start : start + cfg.batch_size]
-            hidden, rows = target_hidden(model, collate([ex for _, ex, _ in part], pad))
-            outs = [
-                _rows(target_logits(model, hidden[i : i + chunk]), cfg)
-                for i in range(0, hidden.shape[0], chunk)
-            ]
-            ids, log_probs, log_tail, lse = (
-                torch.cat(x).cpu() if x[0] is not None else None for x in zip(*outs, strict=True)
-            )
+        work = [[(record_id, example) for record_id, example, _ in part] for part in parts]
+        for index, out in teacher.run(work):
+            part = parts[index]
             offset = 0
-            for (record_id, _, span_args), n in zip(part, rows, strict=True):
+            for (record_id, _, span_args), n in zip(part, out.rows, strict=True):
                 end = offset + n
                 writer.write(
                     record_id,
-                    ids[offset:end],
-                    log_probs[offset:end],
-                    log_tail[offset:end],
-                    lse[offset:end] if lse is not None else None,
+                    out.ids[offset:end],
+                    out.log_probs[offset:end],
+                    out.log_tail[offset:end],
+                    out.lse[offset:end] if out.lse is not None else None,
                     **span_args,
                 )
                 offset = end
             tokens += offset
-            tail_mass += float(log_tail.double().exp().sum())
+            tail_mass += float(out.log_tail.double().exp().sum())
             for column, t in enumerate(tail_at):  # the tail's share of p^(1/t), renormalised
-                top = (log_probs.double() / t).logsumexp(-1)
-                lse_t = lse[:, column].double()
+                top = (out.log_probs.double() / t).logsumexp(-1)
+                lse_t = out.lse[:, column].double()
                 tail_at[t] += float((lse_t - torch.logaddexp(top, lse_t)).exp().sum())
             progress.update(task, advance=len(part), tokens=tokens)
     return tokens, tail_mass, tail_at

@@ -63,6 +63,10 @@ class Backend(ABC):
         """Length of the rendered prompt in tokens, or None when the backend cannot tell."""
         return None
 
+    def prompt_tokens_many(self, requests: Sequence[Request]) -> list[int | None]:
+        """`prompt_tokens` of each request (a remote backend measures them in one call)."""
+        return [self.prompt_tokens(r) for r in requests]
+
     @property
     def context_length(self) -> int | None:
         """Longest prompt + completion the model takes, or None when unknown."""

@@ -272,7 +272,23 @@ def shard_bytes(
         tensors["spans"] = np.concatenate(rows) if rows else np.zeros((0, 2), dtype="<i4")
         metadata["text_sha256"] = json.dumps([sha for _, sha in spans])
         metadata["spans_sha256"] = hashlib.sha256(tensors["spans"].tobytes()).hexdigest()
-    return save(tensors, metadata=metadata)
+    return canonical_header(save(tensors, metadata=metadata))
+
+
+def canonical_header(raw: bytes) -> bytes:
+    """`raw` safetensors bytes with the header's keys sorted: safetensors keeps the metadata in a
+    Rust HashMap, whose order changes from one process to the next, so the same records made two
+    different files. Sorted, a shard's bytes depend on its records alone (a rerun, or the Ray
+    engine, writes the same file). The data offsets are relative to the end of the header, so
+    they hold as they are; the header stays padded with spaces to a multiple of 8 bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {**({"__metadata__": dict(sorted(meta.items()))} if meta else {})}
+    ordered.update(sorted(header.items()))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
 @dataclass

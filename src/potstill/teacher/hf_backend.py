@@ -54,6 +54,13 @@ def _nucleus(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch
     return torch.zeros_like(probs).scatter_(-1, idx, top.masked_fill(outside, 0.0))
 
 
+def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The batches (request indices) `HFBackend.generate` runs: by prompt length, ties in request
+    order. The Ray engine makes the same batches, so its samples are the local ones bit for bit."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 class HFBackend(Backend):
     name = "hf"
 
@@ -85,10 +92,8 @@ class HFBackend(Backend):
     ) -> Iterator[tuple[Request, Generation]]:
         prompts = [render_prompt(self.tokenizer, r) for r in requests]
         lengths = [len(self._encode(p)) for p in prompts]
-        order = sorted(range(len(requests)), key=lambda i: (lengths[i], i))
         self.tokenizer.padding_side = "left"
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in batch_order(lengths, self.batch_size):
             batch = [requests[i] for i in idx]
             texts = self._generate_batch([prompts[i] for i in idx], batch, sampling)
             yield from zip(batch, texts, strict=True)

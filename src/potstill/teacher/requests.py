@@ -85,15 +85,19 @@ def split_too_long(
     """Requests whose prompt fits, and skipped records (with `drop_reason`) for those that don't."""
     if limit is None:
         return pairs, []
-    kept, skipped, lengths = [], [], {}
+    # the N samples of a record share one prompt: measure it once
+    first: dict[str, Request] = {}
     for request, record in pairs:
-        # the N samples of a record share one prompt: measure it once
-        if record["id"] not in lengths:
-            lengths[record["id"]] = length = backend.prompt_tokens(request)
+        first.setdefault(record["id"], request)
+    lengths = dict(zip(first, backend.prompt_tokens_many(list(first.values())), strict=True))
+    kept, skipped, seen = [], [], set()
+    for request, record in pairs:
+        length = lengths[record["id"]]
+        if record["id"] not in seen:
+            seen.add(record["id"])
             if length is not None and length > limit:
                 reason = f"prompt_too_long: {length} tokens > {limit}"
                 skipped.append({**record, "drop_reason": reason})
-        length = lengths[record["id"]]
         if length is None or length <= limit:
             kept.append((request, record))
     return kept, skipped
