@@ -198,9 +198,9 @@ def uld(
     decreasingly and the shorter zero-padded to max(V_s, V_t): Σ_i |p_(i) − q_(i)|, in [0, 2].
     `top_k` compares the k largest probabilities of each side one by one and the rest as one
     mass (`uld_core`): a top-k instead of a full sort of V entries, a lower bound of the full
-    loss, exact when the teacher has no mass past rank k (a top-k cache with k ≤ top_k). `chunk_size` rows are processed at a time (None: a quarter of
-    `default_chunk_size(max V)`, 128 rows for a 152k vocabulary). The teacher's logits are
-    detached.
+    loss, exact when the teacher has no mass past rank k (a top-k cache with k ≤ top_k).
+    `chunk_size` rows are processed at a time (None: a quarter of `default_chunk_size(max V)`,
+    128 rows for a 152k vocabulary). The teacher's logits are detached.
     """
     check_temperature(temperature)
     _check_top_k(top_k)
