@@ -40,10 +40,12 @@ SFT_ROW_BUFFERS = 4
 log-softmax, and in the backward its gradient and the logits' gradient."""
 TOPK_ROW_BUFFERS = 7
 """Offline (top-k teacher) chunk buffers, the most `losses.chunked.ROW_BUFFERS` lists for them."""
-CROSS_ROW_BUFFERS = 6
+CROSS_ROW_BUFFERS = 7
 """float32 copies of a chunk's student [c, V_s] and teacher [c, V_t] rows the cross-vocabulary
 loss holds at its peak (the hybrid loss's log-softmaxes, renormalised matched parts, the
-unmatched sort and the gradient): 5.8 measured on the kit pair (benchmarks/cross_tokenizer.py)."""
+unmatched sort, and with them the chunk's gradients, taken in its forward): 7.4 measured on the
+kit pair at 256 and 2,048 rows (benchmarks/cross_tokenizer.py); the plan's peak was 4.7% under
+a real run's with 6 (tests/test_doctor_plan.py)."""
 RUNTIME_CPU_BYTES = 185 << 20
 """What a trainer process holds beyond its tensors on CPU: the libraries the stage imports
 (peft alone ~140 MiB), accelerate's state, thread pools. Measured as the peak of a 2-step sft and

@@ -166,7 +166,7 @@ def teacher_rows_at_pairs(teacher, batch, device) -> tuple[TeacherRows, int]:
         )
         rows, positions = batch["pair_rows"].to(here), batch["pair_teacher_positions"].to(here)
         hidden = out.last_hidden_state[rows, positions]
-    hidden = hidden.clone()  # out of inference mode: a chunk's recomputation reads it again
+    hidden = hidden.clone()  # out of inference mode: the loss projects it under autograd
 
     def rows_of(lo: int, hi: int) -> torch.Tensor:
         with torch.no_grad():
