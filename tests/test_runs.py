@@ -313,3 +313,31 @@ def test_a_rerun_may_add_items_to_a_growable_list_but_not_change_one_it_kept(tmp
     # A list that may not grow is still checked whole.
     with pytest.raises(ConfigError, match=r"another config: models \("):
         RunDir(out, command="eval", config=_eval_cfg(out, [("a", "model-a")]))
+
+
+def test_a_run_made_before_a_field_existed_resumes_while_the_field_is_at_its_default(tmp_path):
+    """A config.yaml written by an older potstill lacks the fields added since (here `engine`,
+    `ray` and a nested `generation.batch_size`); at their defaults the run resumes, a field
+    set to anything else is a change like any other."""
+    import yaml
+
+    out = tmp_path / "run"
+    source = _questions(tmp_path / "q.jsonl", ["1 + 1?"])
+    cfg = GenerateConfig()
+    cfg.data.source, cfg.run.output_dir = str(source), str(out)
+    with RunDir(out, command="generate", config=cfg, inputs=[str(source)]):
+        pass
+    old = yaml.safe_load((out / "config.yaml").read_text())
+    del old["engine"], old["ray"], old["generation"]["batch_size"]
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    with RunDir(out, command="generate", config=cfg, inputs=[str(source)]):
+        pass
+    (out / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg.engine, cfg.generation.batch_size = "ray", 3
+    with pytest.raises(ConfigError) as refused:
+        RunDir(out, command="generate", config=cfg, inputs=[str(source)])
+    assert str(refused.value) == (
+        f"{out} holds a run with another config: engine (None before, 'ray' now); "
+        "generation.batch_size (None before, 3 now); use a new output_dir, or delete the old "
+        "run to start over"
+    )

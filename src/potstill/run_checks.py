@@ -175,13 +175,32 @@ def check_same_inputs(path: str | Path, config, described: list[dict]) -> None:
             )
 
 
-def _differences(a, b, prefix: str = "") -> list[str]:
-    """Every changed key, as 'key (old before, new now)', in key order."""
+def field_defaults(cls) -> dict:
+    """{field: default, as to_dict gives it} of a config dataclass, nested sections included;
+    fields without a default are left out."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def _differences(a, b, prefix: str = "", defaults=None) -> list[str]:
+    """Every changed key, as 'key (old before, new now)', in key order. A key the old config
+    lacks (a field added since the run began) is unchanged when it is now at its default in
+    `defaults`: the run was made with that behaviour."""
     if isinstance(a, dict) and isinstance(b, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         return [
             found
             for key in sorted(set(a) | set(b), key=str)
-            for found in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+            if key in a or key not in defaults or b[key] != defaults[key]
+            for found in _differences(a.get(key), b.get(key), f"{prefix}{key}.", defaults.get(key))
         ]
     return [] if a == b else [f"{prefix.rstrip('.')} ({a!r} before, {b!r} now)"]
 
@@ -219,11 +238,12 @@ def check_same_config(path: str | Path, config, growable: tuple[str, ...] = ()) 
     # config.yaml is stored redacted: compare it with the config redacted the same way.
     before, now = yaml.safe_load(config_path.read_text()), redact_data(to_dict(config))
     grown = isinstance(before, dict) and any(before.get(k) != now.get(k) for k in growable)
+    defaults = field_defaults(type(config)) if dataclasses.is_dataclass(config) else None
     if isinstance(before, dict) and growable:
         before, now = dict(before), dict(now)
-        diffs = _grown_differences(before, now, growable) + _differences(before, now)
+        diffs = _grown_differences(before, now, growable) + _differences(before, now, "", defaults)
     else:
-        diffs = _differences(before, now)
+        diffs = _differences(before, now, "", defaults)
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
         raise ConfigError(
