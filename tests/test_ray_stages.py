@@ -129,11 +129,11 @@ class Lossy:
 def test_answers_lost_on_ray_are_listed_and_not_scored_until_a_rerun(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import potstill.teacher.factory as factory
+    import potstill.teacher.engines as engines
 
-    opened = factory.open_backend
+    opened = engines.open_backend
     lost = ["rg-basic_arithmetic-s5-3#0", "rg-basic_arithmetic-s5-7#0"]
-    monkeypatch.setattr(factory, "open_backend", lambda *a, **k: Lossy(opened(*a, **k), lost))
+    monkeypatch.setattr(engines, "open_backend", lambda *a, **k: Lossy(opened(*a, **k), lost))
     out = tmp_path / "ev"
     with pytest.raises(ModelError, match=r"engine: ray: 2 answers failed every retry"):
         run_eval(eval_config(tiny_model_dir, out, "local"), quiet())
@@ -145,7 +145,7 @@ def test_answers_lost_on_ray_are_listed_and_not_scored_until_a_rerun(
     answered = {r["id"] for r in read_shards(out / "answers" / "tiny" / "arith")}
     assert len(answered) == 10 and not answered & set(lost)  # the rest was answered
     assert not (out / "eval.json").exists()  # no accuracy over part of the answers
-    monkeypatch.setattr(factory, "open_backend", opened)
+    monkeypatch.setattr(engines, "open_backend", opened)
     report = run_eval(eval_config(tiny_model_dir, out, "local"), quiet())
     assert report["results"][0]["n"] == 12 and not (out / "failed.jsonl").exists()
 

@@ -187,7 +187,7 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console, faile
         todo[name] = [(req, rec) for req, rec in pairs if req.key not in done]
     if not any(todo.values()) and cost_path.is_file():
         return json.loads(cost_path.read_text())
-    from potstill.teacher.factory import open_backend
+    from potstill.teacher.engines import open_backend
 
     speed = SpeedMeter()
     with MemoryMeter() as memory:

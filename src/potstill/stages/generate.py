@@ -96,7 +96,7 @@ def check_context(backend: Backend, gen: GenerationConfig) -> None:
 
 def open_backend(cfg: GenerateConfig) -> Backend:
     """The configured backend, in this process or (engine: ray) on a pool of Ray actors."""
-    from potstill.teacher.factory import open_backend as open_configured
+    from potstill.teacher.engines import open_backend as open_configured
 
     return open_configured(
         cfg.model, cfg.backend, cfg.engine, cfg.ray, batch_size=cfg.generation.batch_size

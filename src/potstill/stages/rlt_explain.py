@@ -128,7 +128,7 @@ def select_best(scored: list[dict]) -> list[dict]:
 
 
 def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
-    from potstill.teacher.factory import open_backend
+    from potstill.teacher.engines import open_backend
 
     console = console or Console(stderr=True)
     records = load_rlt_records(cfg.data)

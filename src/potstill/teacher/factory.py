@@ -39,15 +39,3 @@ def make_backend(model: ModelConfig, backend: BackendConfig, *, batch_size: int 
 
     hf_model, tokenizer = load_configured(model)
     return HFBackend(hf_model, tokenizer, batch_size=batch_size, model_id=model.name)
-
-
-def open_backend(
-    model: ModelConfig, backend: BackendConfig, engine: str, ray, *, batch_size: int
-) -> Backend:
-    """The configured backend, in this process (`engine: local`) or on a pool of Ray actors
-    (`engine: ray`, `ray` a RayConfig); Ray is imported only for the latter."""
-    if engine == "ray":
-        from potstill.teacher.ray_backend import RayBackend
-
-        return RayBackend(model, backend, ray, batch_size=batch_size)
-    return make_backend(model, backend, batch_size=batch_size)
