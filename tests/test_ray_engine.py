@@ -286,9 +286,10 @@ def test_a_stopped_or_killed_driver_resumes_with_nothing_lost_or_twice(
     assert {r["id"]: r for r in after} == expected  # a sample depends on its seed alone
 
 
-def test_engine_ray_without_ray_is_one_line(tiny_model_dir, tmp_path):
+def without_ray_env(tmp_path: Path) -> dict:
+    """The environment of a CLI run in which `import ray` fails as if Ray were not installed."""
     blocker = tmp_path / "block"
-    blocker.mkdir()
+    blocker.mkdir(exist_ok=True)
     (blocker / "sitecustomize.py").write_text(
         "import sys\n"
         "class Block:\n"
@@ -297,8 +298,12 @@ def test_engine_ray_without_ray_is_one_line(tiny_model_dir, tmp_path):
         "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
     )
-    path = os.pathsep.join([str(blocker), *sys.path])
-    proc = run_cli(*cli_args(tiny_model_dir, tmp_path / "out", SOURCE), env={"PYTHONPATH": path})
+    return {"PYTHONPATH": os.pathsep.join([str(blocker), *sys.path])}
+
+
+def test_engine_ray_without_ray_is_one_line(tiny_model_dir, tmp_path):
+    env = without_ray_env(tmp_path)
+    proc = run_cli(*cli_args(tiny_model_dir, tmp_path / "out", SOURCE), env=env)
     assert_one_line_error(proc, "engine: ray needs Ray", "pip install 'potstill[ray]'")
     assert not (tmp_path / "out").exists()
 

@@ -4,11 +4,13 @@ costs to answer.
     potstill eval --config configs/eval.yaml
     potstill eval --config configs/eval.yaml --shard 1/4    # questions split by id over 4 jobs
     potstill eval --config configs/eval.yaml --merge        # once all 4 finished
+    potstill eval --config configs/eval.yaml --set engine=ray --set ray.num_workers=4
 
 Each (model, task) writes its answers as resumable shards under `answers/`; a killed eval, rerun,
 answers only what is missing. `eval.json` holds every model's cost and every (model, task) result.
 A shard (`potstill.data.sharding`) answers its questions in `shards/I-of-N/`; `eval/merge.py`
-joins them.
+joins them. With `engine: ray` a pool of Ray actors answers and this process writes the same
+answer files; the cost is then the pool's (`RAY_COST`, docs/scale_out.md "On Ray").
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from dataclasses import dataclass, field, replace
 from rich.console import Console
 
 from potstill.config import check, shown
+from potstill.config.engine import Engine, RayConfig
 from potstill.config.sections import BackendConfig, GenerationConfig, RunConfig, check_given
 from potstill.data import ShardWriter, read_shards
 from potstill.data.sharding import Shard, shard_run_dir
 from potstill.data.verifiers import find_answer, verify
-from potstill.errors import ConfigError
+from potstill.errors import ConfigError, ModelError
 from potstill.eval.config import CostConfig, EvalModel, EvalTask
 from potstill.eval.cost import (
     MemoryMeter,
@@ -45,6 +48,7 @@ from potstill.fsutil import atomic_write_text
 from potstill.models import resolve_model_path
 from potstill.prompts import load_prompt
 from potstill.runs import RunDir
+from potstill.teacher.ray_pool import import_ray, write_failed
 from potstill.teacher.requests import (
     build_requests,
     generate_into,
@@ -75,6 +79,12 @@ class EvalConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/eval"))
+    engine: Engine = "local"
+    """local: each model answers in this process; ray: in `ray.num_workers` Ray actors, this
+    process writing their answers (the same files) and measuring the pool's cost
+    (docs/scale_out.md)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The actor pool of engine: ray."""
 
     def __post_init__(self):
         check(bool(self.models), "models: empty; list at least one model to evaluate")
@@ -132,17 +142,22 @@ def run_eval(
     if cfg.backend.kind != "openai":
         for model in cfg.models:
             resolve_model_path(model.name)  # an unknown model fails here, before any work
+    if cfg.engine == "ray":
+        import_ray()  # Ray missing: one line, before the run directory is made
     inputs = [t.source for t in cfg.tasks] + list(cfg.exclude)
     # Answers are kept per model and task, so a rerun may add models or tasks to the run.
     grows = ("models", "tasks")
     with RunDir(out, command="eval", config=cfg, inputs=inputs, growable=grows) as run:
         if shard is None:  # answers finished by shards of this output_dir are not redone
             import_shard_answers(cfg, run.path, tasks, console)
-        costs = {}
+        costs, failed = {}, []
         for model in cfg.models:
             if tasks:  # a shard may hold none of the questions: then no model is loaded
                 with run.timed(f"eval {model.label}"):  # the manifest says where time went
-                    costs[model.label] = _eval_model(cfg, run, model, tasks, system_prompt, console)
+                    costs[model.label] = _eval_model(
+                        cfg, run, model, tasks, system_prompt, console, failed
+                    )
+        _check_failed(run.path, failed)
         report = collect_results(cfg, run, costs, tasks)
         if shard is not None:
             report["shard"] = str(shard)  # this shard's questions only
@@ -152,9 +167,17 @@ def run_eval(
     return report
 
 
-def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> dict:
+RAY_COST = (
+    "engine: ray: speed, $/1k answers, load time and latency are measured through the pool "
+    "(its {workers} actors together, Ray's transfers included); params counted in an actor; "
+    "peak memory not measured (it is the actors', not this process's)"
+)
+
+
+def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console, failed) -> dict:
     """Answer every task's missing questions with one model; its cost, measured (or kept from
-    the attempt that measured it, when nothing was left to answer)."""
+    the attempt that measured it, when nothing was left to answer). Batches that failed every
+    retry on Ray go to `failed` as (model, task, Failed)."""
     cost_path = run.path / "cost" / f"{slug(model.label)}.json"
     gen = cfg.generation
     todo = {}
@@ -164,34 +187,45 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
         todo[name] = [(req, rec) for req, rec in pairs if req.key not in done]
     if not any(todo.values()) and cost_path.is_file():
         return json.loads(cost_path.read_text())
-    from potstill.teacher.factory import make_backend
+    from potstill.teacher.engines import open_backend
 
     speed = SpeedMeter()
     with MemoryMeter() as memory:
         t0 = time.perf_counter()
-        backend = make_backend(model.model_config(), cfg.backend, batch_size=gen.batch_size)
-        load_seconds = time.perf_counter() - t0
-        memory.reset_peak()
-        provenance = provenance_of(backend, model.name, gen)
-        for name, pairs in todo.items():
-            if pairs:
-                _answer(
-                    backend, pairs, gen, run.path, model.label, name, provenance, speed, console
-                )
-        latency = _latency(backend, tasks, gen, system_prompt, cfg.cost.latency_samples)
-        hf_model = getattr(backend, "model", None)
-        params = sum(p.numel() for p in hf_model.parameters()) if hf_model is not None else None
-        backend.close()
-        del backend, hf_model
+        backend = open_backend(
+            model.model_config(), cfg.backend, cfg.engine, cfg.ray, batch_size=gen.batch_size
+        )
+        lost = getattr(backend, "failed", [])  # Ray's failed batches; the local engine has none
+        try:
+            load_seconds = time.perf_counter() - t0
+            memory.reset_peak()
+            provenance = provenance_of(backend, model.name, gen)
+            for name, pairs in todo.items():
+                if pairs:
+                    before = len(lost)
+                    _answer(
+                        backend, pairs, gen, run.path, model.label, name, provenance, speed, console
+                    )
+                    failed += [(model.label, name, f) for f in lost[before:]]
+            latency = _latency(backend, tasks, gen, system_prompt, cfg.cost.latency_samples)
+            params = backend.param_count()
+        finally:
+            backend.close()  # a Ray pool stops its actors (and the cluster it started)
+        del backend
         release_memory()
     disk = weight_bytes(resolve_model_path(model.name)) if cfg.backend.kind != "openai" else None
+    peak = memory.peak_bytes
+    if cfg.engine == "ray":
+        console.print(RAY_COST.format(workers=cfg.ray.num_workers))
+        peak = None
     cost = {
         "name": model.name,
         "role": model.role,
+        **({"engine": "ray"} if cfg.engine == "ray" else {}),
         **cost_summary(
             params=params,
             disk_bytes=disk,
-            peak_memory_bytes=memory.peak_bytes,
+            peak_memory_bytes=peak,
             speed=speed,
             usd_per_hour=cfg.cost.usd_per_hour,
             load_seconds=load_seconds,
@@ -203,6 +237,18 @@ def _eval_model(cfg, run, model: EvalModel, tasks, system_prompt, console) -> di
     return cost
 
 
+def _check_failed(run_path, failed: list) -> None:
+    """List the answers that failed every retry on Ray in failed.jsonl (model, task, id, error)
+    and stop before scoring: an accuracy over part of the answers would read as the whole."""
+    batches = [f for _, _, f in failed]
+    columns = [{"model": label, "task": task} for label, task, _ in failed]
+    if count := write_failed(run_path, batches, columns):
+        raise ModelError(
+            f"engine: ray: {count} answers failed every retry (listed in "
+            f"{run_path}/failed.jsonl); rerun to answer them, then the eval is scored"
+        )
+
+
 def _latency(backend, tasks, gen, system_prompt, samples: int) -> float | None:
     """Mean seconds to answer one question alone (batch of one), over the first few questions."""
     records = next(iter(tasks.values()))[:samples]
@@ -212,8 +258,9 @@ def _latency(backend, tasks, gen, system_prompt, samples: int) -> float | None:
     seconds = []
     for request, _ in pairs:
         start = time.perf_counter()
-        for _ in backend.generate([request], sampling_of(gen)):
-            pass
+        answered = sum(1 for _ in backend.generate([request], sampling_of(gen)))
+        if not answered:  # failed every retry on Ray: no latency to report
+            return None
         seconds.append(time.perf_counter() - start)
     return sum(seconds) / len(seconds)
 

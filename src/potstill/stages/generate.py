@@ -96,14 +96,11 @@ def check_context(backend: Backend, gen: GenerationConfig) -> None:
 
 def open_backend(cfg: GenerateConfig) -> Backend:
     """The configured backend, in this process or (engine: ray) on a pool of Ray actors."""
-    batch_size = cfg.generation.batch_size
-    if cfg.engine == "ray":
-        from potstill.teacher.ray_backend import RayBackend
+    from potstill.teacher.engines import open_backend as open_configured
 
-        return RayBackend(cfg.model, cfg.backend, cfg.ray, batch_size=batch_size)
-    from potstill.teacher.factory import make_backend
-
-    return make_backend(cfg.model, cfg.backend, batch_size=batch_size)
+    return open_configured(
+        cfg.model, cfg.backend, cfg.engine, cfg.ray, batch_size=cfg.generation.batch_size
+    )
 
 
 def run_generate(

@@ -2,12 +2,15 @@
 of N explanations per question is kept by RLT reward for a given student.
 
     potstill rlt explain --config configs/rlt_explain-cpu.yaml [--select best]
+    potstill rlt explain --config configs/rlt_explain-cpu.yaml --set engine=ray  # Ray actors
 
 1. Generate N explanations per record through any backend (hf, vllm, openai), resumable: the
    explanations are shards keyed `{record id}#{n}` with seeds from (seed, record id, n), so a
-   killed run, rerun, writes only what is missing.
+   killed run, rerun, writes only what is missing. With `engine: ray` a pool of Ray actors
+   generates and this process writes the same shards; explanations that failed every retry are
+   listed in `failed.jsonl`, and a rerun generates them.
 2. Score (when `select: best` or `score: true`): the RLT reward of each explanation for the
-   student, with the teacher's own log-probs (see `rlt.rewards`).
+   student, with the teacher's own log-probs (see `rlt.rewards`), always in this process.
 3. Write `scored.jsonl` (every explanation with its reward, when scored) and `explained.jsonl`:
    every closed explanation (select all) or the highest-rewarded per question (select best;
    ties go to the lower n). Each record carries `completion`, the student-format text (thought
@@ -27,6 +30,7 @@ from typing import Literal
 from rich.console import Console
 
 from potstill.config import check
+from potstill.config.engine import Engine, RayConfig
 from potstill.config.sections import BackendConfig, ModelConfig, RunConfig
 from potstill.data import ShardWriter, read_records, read_shards, write_records
 from potstill.data.seeds import sample_seed
@@ -38,6 +42,7 @@ from potstill.rlt.rewards import RewardConfig
 from potstill.rlt.score import check_pair_vocab, mean_and_stderr
 from potstill.runs import RunDir
 from potstill.teacher.backends import Sampling
+from potstill.teacher.ray_pool import import_ray, write_failed
 from potstill.teacher.requests import generate_into, generation_progress
 
 
@@ -63,6 +68,11 @@ class RLTExplainConfig:
     tags: RLTTags = field(default_factory=RLTTags)
     teacher_system_prompt: str | None = "rlt_teacher"
     student_system_prompt: str | None = "rlt_student"
+    engine: Engine = "local"
+    """local: the teacher generates in this process; ray: in `ray.num_workers` Ray actors, this
+    process writing the explanations (the same files) and scoring them (docs/scale_out.md)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The actor pool of engine: ray."""
 
     def __post_init__(self):
         check(
@@ -118,7 +128,7 @@ def select_best(scored: list[dict]) -> list[dict]:
 
 
 def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
-    from potstill.teacher.factory import make_backend
+    from potstill.teacher.engines import open_backend
 
     console = console or Console(stderr=True)
     records = load_rlt_records(cfg.data)
@@ -128,35 +138,37 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
         check_pair_vocab(cfg.teacher, cfg.student)  # before hours of generation
     s = cfg.sampling
     sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+    if cfg.engine == "ray":
+        import_ray()  # Ray missing: one line, before the run directory is made
     console.print(f"[bold]{len(records)}[/] records × {s.num_explanations} explanations")
     with RunDir(
         cfg.run.output_dir, command="rlt explain", config=cfg, inputs=[cfg.data.source]
     ) as run:
-        backend = make_backend(cfg.teacher, cfg.backend, batch_size=s.batch_size)
-        provenance = {**backend.describe(), "model": cfg.teacher.name,
-                      "temperature": s.temperature, "max_new_tokens": s.max_new_tokens}  # fmt: skip
-        shards = run.path / "explanations"
-        with (
-            ShardWriter(shards, shard_size=s.batch_size, flush_seconds=10) as writer,
-            generation_progress(console) as progress,
-            run.timed("generate"),
-        ):
-            done = sum(1 for req, _ in pairs if req.key in writer.done_ids)
-            bar = progress.add_task("explaining", total=len(pairs), completed=done, speed="")
-            generate_into(
-                backend, pairs, sampling, writer, provenance,
-                on_result=lambda out: progress.update(bar, advance=1),
-                transform=_as_explanation(cfg.tags),
-            )  # fmt: skip
-        explained = read_shards_sorted(shards)
-        if needs_scores:
-            explained = _scored_before(run.path / "scored.jsonl", explained)
-            if explained is None:  # not scored yet (or the explanations changed since)
-                with run.timed("score"):
-                    explained = _score(cfg, backend, read_shards_sorted(shards), console)
-                write_records(run.path / "scored.jsonl", explained)
-        backend.close()
-        counts = Counter(closed=sum(r["explanation_closed"] for r in explained))
+        backend = open_backend(
+            cfg.teacher, cfg.backend, cfg.engine, cfg.ray, batch_size=s.batch_size
+        )
+        try:
+            shards = _explain(cfg, run, backend, pairs, sampling, console)
+            if cfg.engine == "ray":  # scoring is local: the pool's actors and cluster stop now
+                backend.close()
+            counts = Counter()
+            if failed := write_failed(run.path, getattr(backend, "failed", [])):
+                counts["failed"] = failed
+                console.print(
+                    f"[red]failed[/] {failed} explanations failed every retry (listed in "
+                    f"{run.path / 'failed.jsonl'}); rerun to generate them"
+                )
+            explained = read_shards_sorted(shards)
+            if needs_scores:
+                explained = _scored_before(run.path / "scored.jsonl", explained)
+                if explained is None:  # not scored yet (or the explanations changed since)
+                    local = backend if cfg.engine == "local" else None
+                    with run.timed("score"):
+                        explained = _score(cfg, local, read_shards_sorted(shards), console)
+                    write_records(run.path / "scored.jsonl", explained)
+        finally:
+            backend.close()
+        counts.update(closed=sum(r["explanation_closed"] for r in explained))
         counts.update(explanations=len(explained), records=len(records))
         kept = [r for r in explained if r["explanation_closed"]]
         if cfg.select == "best":
@@ -183,6 +195,27 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
     return dict(counts)
 
 
+def _explain(cfg: RLTExplainConfig, run, backend, pairs, sampling, console):
+    """Generate the missing explanations into `{run}/explanations`; returns that directory."""
+    s = cfg.sampling
+    provenance = {**backend.describe(), "model": cfg.teacher.name,
+                  "temperature": s.temperature, "max_new_tokens": s.max_new_tokens}  # fmt: skip
+    shards = run.path / "explanations"
+    with (
+        ShardWriter(shards, shard_size=s.batch_size, flush_seconds=10) as writer,
+        generation_progress(console) as progress,
+        run.timed("generate"),
+    ):
+        done = sum(1 for req, _ in pairs if req.key in writer.done_ids)
+        bar = progress.add_task("explaining", total=len(pairs), completed=done, speed="")
+        generate_into(
+            backend, pairs, sampling, writer, provenance,
+            on_result=lambda out: progress.update(bar, advance=1),
+            transform=_as_explanation(cfg.tags),
+        )  # fmt: skip
+    return shards
+
+
 def read_shards_sorted(shards) -> list[dict]:
     return sorted(read_shards(shards), key=lambda r: r["id"])
 
@@ -200,10 +233,11 @@ def _scored_before(path, explained: list[dict]) -> list[dict] | None:
 
 def _score(cfg: RLTExplainConfig, backend, explained: list[dict], console) -> list[dict]:
     """The RLT reward of every explanation; the hf backend's teacher is reused, other
-    backends' teachers are loaded once here (the reward needs their log-probs)."""
+    backends' teachers (and engine: ray's, `backend` None) are loaded once here (the reward
+    needs their log-probs)."""
     from potstill.rlt.score import load_eval_model, score_records
 
-    if backend.name == "hf":
+    if backend is not None and backend.name == "hf":
         teacher = (backend.model.eval(), backend.tokenizer)
     else:
         teacher = load_eval_model(cfg.teacher)

@@ -76,6 +76,11 @@ class Backend(ABC):
         """Provenance for the output records: backend and model."""
         return {"backend": self.name}
 
+    def param_count(self) -> int | None:
+        """The model's parameters, or None when it is not in reach (a server, vLLM's engine)."""
+        model = getattr(self, "model", None)
+        return sum(p.numel() for p in model.parameters()) if model is not None else None
+
     def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Release the model/engine/connections."""
 

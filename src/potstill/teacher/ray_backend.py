@@ -45,6 +45,9 @@ class GenerateWorker:
             "context_length": backend.context_length,
         }
 
+    def param_count(self) -> int | None:
+        return self.backend.param_count()
+
     def prompt_tokens(self, requests: list[Request]) -> list[int | None]:
         return self.backend.prompt_tokens_many(requests)
 
@@ -81,6 +84,10 @@ class RayBackend(Backend):
     def describe(self) -> dict:
         return dict(self._describe)
 
+    def param_count(self) -> int | None:
+        """Counted by an actor, on the model it holds."""
+        return self.pool.call(0, "param_count")
+
     def prompt_tokens(self, request: Request) -> int | None:
         return self.prompt_tokens_many([request])[0]
 
@@ -110,6 +117,7 @@ class RayBackend(Backend):
         try:
             if getattr(self, "pool", None) is not None:
                 self.pool.close()
+                self.pool = None  # closed once: a second close() does nothing
         finally:
             self.cluster.close()
 

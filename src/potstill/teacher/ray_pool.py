@@ -70,12 +70,20 @@ def startup_error(exc: BaseException) -> ModelError:
     return ModelError(redact(f"engine: ray: a worker could not start: {last}")[:1000])
 
 
-def write_failed(run_path: Path, failed: Sequence[Failed]) -> int:
-    """List the ids of the batches that failed every retry in `{run}/failed.jsonl` (id, error);
-    remove an earlier attempt's list once nothing failed (a rerun retried them). Returns how
-    many ids failed. Both engines call it: a local rerun of a Ray run clears the list too."""
+def write_failed(
+    run_path: Path, failed: Sequence[Failed], columns: Sequence[dict] | None = None
+) -> int:
+    """List the ids of the batches that failed every retry in `{run}/failed.jsonl` (id, error;
+    before them `columns[i]` for batch i, e.g. an eval's model and task); remove an earlier
+    attempt's list once nothing failed (a rerun retried them). Returns how many ids failed. Both
+    engines call it: a local rerun of a Ray run clears the list too."""
     path = Path(run_path) / "failed.jsonl"
-    rows = [{"id": key, "error": batch.error} for batch in failed for key in batch.ids]
+    columns = columns or [{}] * len(failed)
+    rows = [
+        {**extra, "id": key, "error": batch.error}
+        for batch, extra in zip(failed, columns, strict=True)
+        for key in batch.ids
+    ]
     if rows:
         write_records(path, rows)
     else:
