@@ -39,3 +39,17 @@ class ModelError(PotstillError):
 
 class NotBuiltError(PotstillError):
     """A CLI verb that exists in the command tree but is not implemented yet."""
+
+
+def import_optional(module: str, error: type[PotstillError], message: str):
+    """The optional dependency `module`, or `error(message)` (one line) when it is not
+    installed; a module that is there but fails to import raises its own error, which says
+    more than "not installed" would."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise error(message) from None

@@ -26,7 +26,7 @@ from typing import Any
 
 from potstill.config.engine import RayConfig
 from potstill.data.shards import write_records
-from potstill.errors import ConfigError, ModelError
+from potstill.errors import ConfigError, ModelError, import_optional
 from potstill.redact import redact
 
 MISSING_RAY = "engine: ray needs Ray: pip install 'potstill[ray]' (or set engine: local)"
@@ -39,13 +39,7 @@ back to keep the write order while one slow batch finishes."""
 
 def import_ray():
     """The `ray` module, or a one-line ConfigError saying how to install it."""
-    try:
-        import ray
-    except ModuleNotFoundError as e:
-        if e.name != "ray":  # Ray is there but broken: its own error says more
-            raise
-        raise ConfigError(MISSING_RAY) from None
-    return ray
+    return import_optional("ray", ConfigError, MISSING_RAY)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from potstill.data.chat import stop_token_id
-from potstill.errors import DataError, ModelError
+from potstill.errors import DataError, ModelError, import_optional
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 from potstill.teacher.hf_backend import render_prompt
 
@@ -30,13 +30,7 @@ MISSING_VLLM = (
 
 def import_vllm():
     """The `vllm` module, or a one-line `ModelError` when it is not installed."""
-    try:
-        import vllm
-    except ModuleNotFoundError as e:
-        if e.name != "vllm":  # vllm is there but broken: its own error says more
-            raise
-        raise ModelError(MISSING_VLLM) from None
-    return vllm
+    return import_optional("vllm", ModelError, MISSING_VLLM)
 
 
 class VLLMBackend(Backend):
