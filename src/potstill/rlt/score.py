@@ -13,8 +13,9 @@ holds the closing tag is cut there. A record too long for a model keeps its fiel
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from potstill.config import check
@@ -100,6 +101,30 @@ def _sample(record: dict, tags: RLTTags, fields: RLTFields) -> Sample:
     return Sample(question, solution, explanation, closed, str(record["id"]))
 
 
+def score_batches(records: Sequence[dict], tags: RLTTags, fields: RLTFields, batch_size: int):
+    """The samples of `records` and the batches they are scored in (lists of record indices):
+    by question and length, so a question's explanations share a batch (their common prefix
+    runs once) and padding stays small. Both engines score these batches."""
+    samples = [_sample(r, tags, fields) for r in records]
+    order = sorted(
+        range(len(samples)),
+        key=lambda i: (samples[i].question, samples[i].solution, len(samples[i].explanation)),
+    )
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return samples, batches
+
+
+def scored_records(
+    records: Sequence[dict], samples: Sequence[Sample], results: Sequence, cfg: RewardConfig
+) -> list[dict]:
+    """The records with their results (RewardResult) added, in input order; a record whose
+    result is None (its batch failed on Ray) is left out, and ranks no unclosed one."""
+    kept = [i for i, result in enumerate(results) if result is not None]
+    groups = [(samples[i].question, samples[i].solution) for i in kept]
+    ranked = rank_unclosed_last([results[i] for i in kept], groups, cfg.missing_tag_reward)
+    return [_scored(records[i], result) for i, result in zip(kept, ranked, strict=True)]
+
+
 def score_records(
     records: Sequence[dict],
     teacher: tuple,
@@ -116,36 +141,26 @@ def score_records(
 ) -> list[dict]:
     """Records with the RLT reward and its parts added, in input order.
 
-    `teacher` and `student` are (model, tokenizer) pairs. Records are batched by question and
-    length, so a question's explanations share a batch (their common prefix runs once) and
-    padding stays small. `on_batch(n)` is told after every batch of n records.
+    `teacher` and `student` are (model, tokenizer) pairs. Records are batched by
+    `score_batches`. `on_batch(n)` is told after every batch of n records.
     """
     fields = fields or RLTFields()
     check_fields(records, source, fields)
     tags = tags or RLTTags()
+    cfg = cfg or RewardConfig()
     models = RLTModels(
         teacher[0], teacher[1], student[0], student[1], tags,
         teacher_system_prompt, student_system_prompt,
     )  # fmt: skip
-    samples = [_sample(r, tags, fields) for r in records]
-    order = sorted(
-        range(len(samples)),
-        key=lambda i: (samples[i].question, samples[i].solution, len(samples[i].explanation)),
-    )
+    samples, batches = score_batches(records, tags, fields, batch_size)
     results: list = [None] * len(records)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in batches:
         for i, result in zip(
             chunk, reward_batch(models, [samples[i] for i in chunk], cfg), strict=True
         ):
             results[i] = result
         on_batch(len(chunk))
-    groups = [(s.question, s.solution) for s in samples]
-    fixed = (cfg or RewardConfig()).missing_tag_reward
-    return [
-        _scored(r, result)
-        for r, result in zip(records, rank_unclosed_last(results, groups, fixed), strict=True)
-    ]
+    return scored_records(records, samples, results, cfg)
 
 
 def _scored(record: dict, result) -> dict:
@@ -197,18 +212,30 @@ def load_eval_model(model_cfg: ModelConfig):
 def score_with(cfg: RLTScoring, records: list[dict], source: str, console) -> list[dict]:
     """Load `cfg`'s teacher and student (vocabularies checked first) and score `records` with
     a progress bar: what `rlt score` and curate's rlt_reward selection do."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     check_fields(records, source, cfg.fields)
     check_pair_vocab(cfg.teacher, cfg.student)  # before loading two models
-    teacher = load_eval_model(cfg.teacher)
-    student = teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
-    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("score", total=len(records))
+    teacher, student = load_pair(cfg)
+    with scoring_progress(console, len(records)) as advance:
         return score_records(
             records, teacher, student, cfg.reward, cfg.batch_size, tags=cfg.tags,
             teacher_system_prompt=cfg.teacher_system_prompt,
             student_system_prompt=cfg.student_system_prompt, fields=cfg.fields, source=source,
-            on_batch=lambda n: progress.advance(task, n),
+            on_batch=advance,
         )  # fmt: skip
+
+
+def load_pair(cfg: RLTScoring) -> tuple[tuple, tuple]:
+    """The (model, tokenizer) of `cfg`'s teacher and student (one load when they are equal)."""
+    teacher = load_eval_model(cfg.teacher)
+    return teacher, teacher if cfg.student == cfg.teacher else load_eval_model(cfg.student)
+
+
+@contextlib.contextmanager
+def scoring_progress(console, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over `total` records; yields the function that advances it by n."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("score", total=total)
+        yield lambda n: progress.advance(task, n)

@@ -65,13 +65,18 @@ def startup_error(exc: BaseException) -> ModelError:
 
 
 def write_failed(
-    run_path: Path, failed: Sequence[Failed], columns: Sequence[dict] | None = None
+    run_path: Path,
+    failed: Sequence[Failed],
+    columns: Sequence[dict] | None = None,
+    *,
+    name: str = "failed.jsonl",
 ) -> int:
     """List the ids of the batches that failed every retry in `{run}/failed.jsonl` (id, error;
     before them `columns[i]` for batch i, e.g. an eval's model and task); remove an earlier
     attempt's list once nothing failed (a rerun retried them). Returns how many ids failed. Both
-    engines call it: a local rerun of a Ray run clears the list too."""
-    path = Path(run_path) / "failed.jsonl"
+    engines call it: a local rerun of a Ray run clears the list too. `name`: another file name
+    (rlt score, which has no run directory, lists them beside its output)."""
+    path = Path(run_path) / name
     columns = columns or [{}] * len(failed)
     rows = [
         {**extra, "id": key, "error": batch.error}
