@@ -9,8 +9,6 @@ engine's bytes.
 
 from __future__ import annotations
 
-import os
-
 from potstill.config.engine import RayConfig
 from potstill.rlt.prompts import Sample
 from potstill.rlt.rewards import RewardConfig, RewardResult, RLTModels, reward_batch
@@ -23,10 +21,10 @@ from potstill.rlt.score import (
     scored_records,
     scoring_progress,
 )
-from potstill.teacher.ray_pool import Cluster, Failed, Pool
+from potstill.teacher.ray_pool import Failed, Pool, PoolWorker
 
 
-class ScoreWorker:
+class ScoreWorker(PoolWorker):
     """One Ray actor: the teacher and student, loaded once, scoring batches of (id, sample)."""
 
     def __init__(self, cfg: RLTScoring):
@@ -36,9 +34,6 @@ class ScoreWorker:
             teacher[0], teacher[1], student[0], student[1], cfg.tags,
             cfg.teacher_system_prompt, cfg.student_system_prompt,
         )  # fmt: skip
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def score(self, batch: list[tuple[str, Sample]]) -> list[RewardResult]:
         return reward_batch(self.models, [sample for _, sample in batch], self.reward)
@@ -55,10 +50,8 @@ def score_on_ray(
     work = [[(samples[i].id, samples[i]) for i in chunk] for chunk in batches]
     results: list = [None] * len(records)
     failed: list[Failed] = []
-    cluster = Cluster(pool_cfg)
-    pool = None
+    pool = Pool(pool_cfg, ScoreWorker, cfg)
     try:
-        pool = Pool(cluster, pool_cfg, ScoreWorker, cfg)
         with scoring_progress(console, len(records)) as advance:
             for index, result in pool.run("score", work):
                 if isinstance(result, Failed):
@@ -68,9 +61,5 @@ def score_on_ray(
                     results[i] = one
                 advance(len(batches[index]))
     finally:
-        try:
-            if pool is not None:
-                pool.close()
-        finally:
-            cluster.close()
+        pool.close()
     return scored_records(records, samples, results, cfg.reward), failed

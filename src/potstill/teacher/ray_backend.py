@@ -12,7 +12,6 @@ it in `failed.jsonl` and a rerun generates it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 from potstill.config.engine import RayConfig
@@ -20,22 +19,19 @@ from potstill.config.sections import BackendConfig, ModelConfig
 from potstill.errors import ModelError
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 from potstill.teacher.hf_backend import batch_order
-from potstill.teacher.ray_pool import Cluster, Failed, Pool
+from potstill.teacher.ray_pool import Failed, Pool, PoolWorker
 
 MEASURE_CHUNK = 512
 """Prompts measured per call to a worker."""
 
 
-class GenerateWorker:
+class GenerateWorker(PoolWorker):
     """One Ray actor: the configured backend, loaded once, run over whole batches."""
 
     def __init__(self, model: ModelConfig, backend: BackendConfig, batch_size: int):
         from potstill.teacher.factory import make_backend
 
         self.backend = make_backend(model, backend, batch_size=batch_size)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def info(self) -> dict:
         backend = self.backend
@@ -66,9 +62,8 @@ class RayBackend(Backend):
         self.batch_size = batch_size
         self.failed: list[Failed] = []
         self._lengths: dict[str, int | None] = {}
-        self.cluster = Cluster(ray)
+        self.pool = Pool(ray, GenerateWorker, model, backend, batch_size)
         try:
-            self.pool = Pool(self.cluster, ray, GenerateWorker, model, backend, batch_size)
             info = self.pool.call(0, "info")
         except BaseException:
             self.close()
@@ -114,12 +109,7 @@ class RayBackend(Backend):
                 yield by_key[key], out
 
     def close(self) -> None:
-        try:
-            if getattr(self, "pool", None) is not None:
-                self.pool.close()
-                self.pool = None  # closed once: a second close() does nothing
-        finally:
-            self.cluster.close()
+        self.pool.close()  # a second close() does nothing
 
 
 def _keys(requests: list[Request]) -> list[str]:

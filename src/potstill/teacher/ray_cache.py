@@ -7,24 +7,20 @@ writes every record's rows itself, in batch order, so the cache holds the local 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 from potstill.config.engine import RayConfig
 from potstill.config.sections import ModelConfig
 from potstill.data.examples import Example
 from potstill.teacher.cache_batch import BatchRows, CacheSpec, LocalTeacher
-from potstill.teacher.ray_pool import Cluster, Failed, Pool
+from potstill.teacher.ray_pool import Failed, Pool, PoolWorker
 
 
-class CacheWorker:
+class CacheWorker(PoolWorker):
     """One Ray actor: the teacher, loaded once, run over batches of (record id, example)."""
 
     def __init__(self, teacher: ModelConfig, spec: CacheSpec):
         self.teacher = LocalTeacher(teacher, spec)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def vocab_size(self) -> int:
         return self.teacher.vocab_size
@@ -40,9 +36,8 @@ class RayTeacher:
 
     def __init__(self, teacher: ModelConfig, spec: CacheSpec, ray: RayConfig):
         self.failed: list[Failed] = []
-        self.cluster = Cluster(ray)
+        self.pool = Pool(ray, CacheWorker, teacher, spec)
         try:
-            self.pool = Pool(self.cluster, ray, CacheWorker, teacher, spec)
             self.vocab_size = self.pool.call(0, "vocab_size")
         except BaseException:
             self.close()
@@ -58,8 +53,4 @@ class RayTeacher:
                 yield index, result
 
     def close(self) -> None:
-        try:
-            if getattr(self, "pool", None) is not None:
-                self.pool.close()
-        finally:
-            self.cluster.close()
+        self.pool.close()  # a second close() does nothing

@@ -163,14 +163,25 @@ def _import_path() -> list[str]:
     return [root, *(os.path.abspath(p) for p in extra.split(os.pathsep) if p)]
 
 
-class Pool:
-    """`num_workers` actors of `worker_cls(*args)`, each holding its model; `run` streams the
-    results of `method` over batches back in batch order. Actor `i` is named
-    `potstill-worker-{i}` in this driver's namespace (tests find its process through it)."""
+class PoolWorker:
+    """Base of every actor class: `pid` (on the control thread) is how the pool probes an actor
+    and how tests find the process to kill."""
 
-    def __init__(self, cluster: Cluster, cfg: RayConfig, worker_cls: type, *args: Any):
-        ray = cluster.ray
-        self.ray = ray
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class Pool:
+    """`num_workers` actors of `worker_cls(*args)` (a `PoolWorker`), each holding its model, on
+    the cluster `cfg` names (`Cluster`, joined or started here); `run` streams the results of
+    `method` over batches back in batch order. `close` stops the actors, then the cluster if it
+    was started here; a second `close` does nothing. Actor `i` is named `potstill-worker-{i}`
+    in this driver's namespace (tests find its process through it)."""
+
+    def __init__(self, cfg: RayConfig, worker_cls: type, *args: Any):
+        self.cluster = Cluster(cfg)
+        self.ray = ray = self.cluster.ray
+        self.actors: list = []
         remote = ray.remote(
             num_cpus=cfg.num_cpus_per_worker,
             num_gpus=cfg.num_gpus_per_worker,
@@ -179,15 +190,19 @@ class Pool:
             # a control thread beside the work: pid() answers while a batch runs
             concurrency_groups={"control": 1},
         )(worker_cls)
-        self.actors = [
-            remote.options(name=f"potstill-worker-{i}").remote(*args)
-            for i in range(cfg.num_workers)
-        ]
-        try:  # every actor loaded its model (asked once: a failed load is not retried)
+        try:
+            self.actors = [
+                remote.options(name=f"potstill-worker-{i}").remote(*args)
+                for i in range(cfg.num_workers)
+            ]
+            # every actor loaded its model (asked once: a failed load is not retried)
             ray.get([a.pid.options(max_task_retries=0).remote() for a in self.actors])
         except ray.exceptions.RayError as exc:
             self.close()
             raise startup_error(exc) from None
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, index: int, method: str, *args: Any) -> Any:
         """One call on actor `index`, waited for (set-up questions: the context length...)."""
@@ -249,20 +264,19 @@ class Pool:
         return self.actors[actor].pid.options(concurrency_group="control").remote()
 
     def close(self) -> None:
-        for actor in self.actors:
-            try:
-                self.ray.kill(actor)
-            except Exception:  # noqa: S110 (already gone: nothing to release)
-                pass
+        actors, self.actors = self.actors, []
+        try:
+            for actor in actors:
+                try:
+                    self.ray.kill(actor)
+                except Exception:  # noqa: S110 (already gone: nothing to release)
+                    pass
+        finally:
+            self.cluster.close()
 
 
 def _ids(batch: Any) -> list[str]:
     return [item.key if hasattr(item, "key") else item[0] for item in batch]
-
-
-def pool_pids(pool: Pool) -> list[int]:
-    """The process id of each actor."""
-    return [pool.ray.get(pool._pid_ref(i)) for i in range(len(pool.actors))]
 
 
 def worker_pid(index: int) -> int:
