@@ -81,12 +81,12 @@ def _with_grads(chunks, hidden, weight, bias):
         with torch.enable_grad():
             leaf = F.linear(h, w, b).detach().requires_grad_(True)
             ce, soft = step(leaf)
-            d_ce = torch.autograd.grad(ce, leaf, retain_graph=True)[0]
-            d_soft = (
-                torch.autograd.grad(soft, leaf)[0] if soft.requires_grad else torch.zeros_like(leaf)
-            )
+            paired = soft.requires_grad  # a chunk without pairs has no soft gradient
+            d_logits_of = [torch.autograd.grad(ce, leaf, retain_graph=paired)[0]]
+            if paired:
+                d_logits_of.append(torch.autograd.grad(soft, leaf)[0])
         totals = totals + torch.stack([ce.detach(), soft.detach()])
-        for k, d_logits in enumerate((d_ce, d_soft)):  # logits = h W^T + b
+        for k, d_logits in enumerate(d_logits_of):  # logits = h W^T + b
             if grads[0] is not None:
                 grads[0][k][start:end] = d_logits @ w
             if grads[1] is not None:
