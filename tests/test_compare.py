@@ -134,6 +134,32 @@ def test_bad_configs_are_refused(tiny_model_dir, tmp_path, extra, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("methods", "refused"),
+    [("[sft, on_policy, rlt]", "on_policy, rlt"), ("[sft, logit]", "logit")],
+)
+def test_a_pair_of_other_vocabularies_is_refused_for_the_methods_that_need_one(
+    tiny_model_dir, other_vocab_dir, tmp_path, methods, refused
+):
+    sets = [f"--set={o}" for o in _overrides(tiny_model_dir, tmp_path)]
+    sets += [f"--set=teacher.name={other_vocab_dir}", f"--set=methods={methods}"]
+    proc = run_cli("compare", *sets)
+    line = assert_one_line_error(proc, f"methods {refused} need one vocabulary: teacher and")
+    assert ("loss.cross_tokenizer" in line) == (refused == "logit")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_cross_tokenizer_logit_and_sft_pass_the_vocabulary_check(other_vocab_dir, tiny_model_dir):
+    from potstill.stages.compare import _check_vocab
+
+    cfg = load_config(
+        CompareConfig,
+        overrides=[*_overrides(tiny_model_dir, Path(tiny_model_dir).parent / "x"),
+                   f"teacher.name={other_vocab_dir}", "loss.cross_tokenizer={loss: uld}"],
+    )  # fmt: skip
+    _check_vocab(cfg)  # sft and logit across tokenizers: nothing to refuse
+
+
 @pytest.mark.parametrize("overlap", ["id", "text"])
 def test_a_held_out_set_overlapping_training_is_refused_in_one_line(
     tiny_model_dir, tmp_path, overlap

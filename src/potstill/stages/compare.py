@@ -146,6 +146,7 @@ def run_compare(cfg: CompareConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     out = Path(cfg.run.output_dir)
     train, held_out = _read_and_check(cfg)  # bad input fails before anything is written
+    _check_vocab(cfg)  # tokenizers only: a pair a method cannot use fails before the traces
     sources = [cfg.train, *(s.source for s in cfg.held_out)]
     # Each method and held-out set is its own work: a rerun may add some (or leave some out).
     grows = ("methods", "held_out", "seeds")
@@ -201,6 +202,27 @@ def _read_and_check(cfg: CompareConfig) -> tuple[list[dict], dict[str, list[dict
                 "held-out set must be unseen: draw it from another seed or source"
             )
     return train, held
+
+
+def _check_vocab(cfg: CompareConfig) -> None:
+    """The methods that compare the two models token id by token id (on-policy, rlt; logit
+    unless loss.cross_tokenizer) need one vocabulary: refuse another pair now, not after the
+    teacher's traces."""
+    cross = cfg.loss.cross_tokenizer is not None
+    any_vocab = ("sft", "logit", "logit_soft") if cross else ("sft",)
+    needs = [m for m in cfg.methods if m not in any_vocab]
+    if not needs:
+        return
+    from potstill.models import check_same_vocab, load_tokenizer
+
+    try:
+        check_same_vocab(load_tokenizer(cfg.teacher.name), load_tokenizer(cfg.student.name))
+    except PotstillError as exc:
+        logit = any(m.startswith("logit") for m in needs)
+        hint = " (logit methods: or set loss.cross_tokenizer, e.g. {loss: hybrid})" if logit else ""
+        raise ConfigError(
+            f"methods {', '.join(needs)} need one vocabulary: {exc}; drop them{hint}"
+        ) from None
 
 
 def _teacher_traces(cfg: CompareConfig, path: Path, console) -> str:
