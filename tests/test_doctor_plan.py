@@ -106,6 +106,32 @@ def test_cli_prints_the_plan_and_a_bad_config_is_one_line(tiny_model_dir, tmp_pa
     assert_one_line_error(proc, "micro_batch_size")
 
 
+def test_bf16_note_only_when_this_cpu_multiplies_bf16_much_faster(tiny_model_dir, tmp_path):
+    from potstill.cli.doctor_plan import BF16_WORTH, bf16_note
+    from potstill.memory_plan import measure_throughput
+
+    shape = model_shape(qwen_config())
+    bf16 = measure_throughput(dtype="bfloat16")
+
+    def plan_at(throughput):
+        return make_plan(shape, None, settings(), available=1 << 40, available_source="test",
+                         throughput=throughput, throughput_source="test")  # fmt: skip
+
+    # The probe moves with the machine's load (10x on a busy one): a million-fold apart is not.
+    assert bf16_note(plan_at(bf16 * 1e6)) == []  # float32 far faster than bf16: no note
+    slow = plan_at(bf16 / 1e6)  # float32 a millionth of bf16's rate: the note
+    (note,) = bf16_note(slow)
+    ratio = float(note.split("bfloat16 ")[1].split("×")[0])
+    assert ratio > 1e4 * BF16_WORTH, note
+    step = float(note.split("take ~")[1].split(" s")[0])
+    assert step == pytest.approx(slow.seconds_per_step / ratio, rel=0.06)
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}, dtype: bfloat16}}\n")
+    proc = run_cli("doctor", str(tiny_model_dir), str(tiny_model_dir), "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "512×512 bfloat16 matmul probe" in proc.stdout and "note: this CPU" not in proc.stdout
+
+
 def small_model(path: Path, hidden: int, seed: int, vocab: int = 320) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)

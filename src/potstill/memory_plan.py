@@ -287,16 +287,21 @@ def step_flops(student: Shape, teacher: Shape | None, s: Settings) -> float:
     return per_token * tokens * s.grad_accum
 
 
-def measure_throughput(size: int = 512, repeats: int = 8) -> float:
-    """FLOP/s of a float32 size×size matmul on the CPU (the trainer's dtype there), best of
-    `repeats`: the ceiling a training step's matmuls reach."""
+def measure_throughput(size: int = 512, seconds: float = 0.5, dtype: str = "float32") -> float:
+    """FLOP/s of a size×size matmul in `dtype` on the CPU, the best over `seconds` of repeats
+    (after as long a warm-up: the thread pool and oneDNN's kernels are built on first use, and
+    the first calls run ~10x slow): the ceiling a training step's matmuls reach."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: thread pool, caches
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
+    from potstill.models import DTYPES
+
+    a = torch.randn(size, size, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, dtype=DTYPES[dtype])
+    best, warm_until = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < warm_until:
+        a @ b
+    stop = time.perf_counter() + seconds
+    while (start := time.perf_counter()) < stop:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / max(best, 1e-9)
