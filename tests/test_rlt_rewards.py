@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -312,7 +313,11 @@ def test_empty_explanation_has_no_tokens_even_where_the_tags_merge(merging):
     (batched,) = reward_batch(merging, [s])
     (single,) = reward_per_sample(merging, [s])
     assert batched.r_kl == 0.0 and batched.explanation_tokens == 0
-    assert batched.rlt_reward == pytest.approx(single.rlt_reward, abs=1e-5)
+    assert batched.r_ss == pytest.approx(single.r_ss, abs=1e-5)
+    # it explains nothing: the missing-tag reward, not r^SS − λ·0 (which beat real explanations)
+    assert math.isnan(batched.rlt_reward) and math.isnan(single.rlt_reward)
+    (fixed,) = reward_batch(merging, [s], RewardConfig(missing_tag_reward=-4.0))
+    assert fixed.rlt_reward == -4.0 and fixed.closed
 
 
 def test_align_groups():

@@ -38,3 +38,17 @@ def test_an_unclosed_explanation_ranks_below_every_closed_one_of_its_question():
                 assert all(r.rlt_reward < v for v in rivals)
         fixed = rank_unclosed_last(rows, groups, -2.5)
         assert all(r.rlt_reward == -2.5 for r in fixed if not r.closed and not r.skipped)
+
+
+def test_an_empty_explanation_ranks_with_the_unclosed_ones():
+    """Closed at once: r^KL over no tokens is 0, so r^SS − λ·0 beat every real explanation and
+    GRPO learned to write nothing (docs/experiments.md); it now ranks last, like an unclosed one."""
+    from potstill.rlt.rewards import RewardResult
+    from potstill.rlt.unclosed import UNCLOSED_MARGIN, rank_unclosed_last
+
+    real = [RewardResult(-6.0, -1.2, 1.6, 9, 30, True), RewardResult(-4.5, -1.0, 1.2, 9, 25, True)]
+    empty = RewardResult(float("nan"), -1.5, 0.0, 9, 0, True)
+    out = rank_unclosed_last([*real, empty], [0, 0, 0], None)
+    assert [r.rlt_reward for r in out] == [-6.0, -4.5, -6.0 - UNCLOSED_MARGIN]
+    fixed = rank_unclosed_last([*real, empty], [0, 0, 0], -10.0)
+    assert [r.rlt_reward for r in fixed] == [-6.0, -4.5, -10.0]

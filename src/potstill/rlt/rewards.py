@@ -6,7 +6,8 @@ sampling temperature τ (logits / τ, then log_softmax):
     r^SS = mean_k log π_s(s_k | q, t) + α · min_k log π_s(s_k | q, t)   solution tokens, student
     D_k  = log π_θ(t_k | q, s, t_<k) − log π_s(t_k | q, t_<k)           explanation tokens
     r^KL = mean_k D_k + α · max_k D_k
-    r    = r^SS − λ · r^KL      (or `missing_tag_reward` when the teacher never closed t)
+    r    = r^SS − λ · r^KL      (or `missing_tag_reward` when the teacher never closed t, or t
+                                 is empty)
 
 r^SS rewards explanations after which the student finds the solution likely; r^KL penalises
 explanations the student could not have thought of itself (tokens the teacher makes likely only
@@ -65,10 +66,10 @@ class RewardConfig:
     temperature: float = 0.7
     """Sampling temperature: both models' logits are divided by it before log_softmax."""
     missing_tag_reward: float | None = None
-    """Reward of an explanation the teacher never closed with the explanation_end tag; null
-    (default) = 1 below the lowest closed reward of its question's group, so it always ranks
-    last (a fixed −1, the paper's, sits above a warmed-up teacher's closed rewards here and
-    teaches it never to close; rlt/unclosed.py)."""
+    """Reward of an explanation the teacher never closed with the explanation_end tag, or left
+    empty; null (default) = 1 below the lowest closed reward of its question's group, so it
+    always ranks last (a fixed −1, the paper's, sits above a warmed-up teacher's closed rewards
+    here and teaches it never to close; rlt/unclosed.py)."""
     solution_reductions: list[Reduction] = field(default_factory=lambda: ["mean", "min"])
     """r^SS = first(log-probs) + alpha · second(log-probs) over the solution tokens."""
     kl_reductions: list[Reduction] = field(default_factory=lambda: ["mean", "max"])
@@ -212,8 +213,9 @@ def _finish(
     r_ss = solution_reward(student_sol, cfg)
     r_kl = kl_penalty(log_ratio, cfg)
     closed = prep.sample.closed
+    explains = closed and prep.n_groups > 0  # an empty explanation counts as unclosed
     return RewardResult(
-        rlt_reward=r_ss - cfg.lam * r_kl if closed else placeholder(cfg.missing_tag_reward),
+        rlt_reward=r_ss - cfg.lam * r_kl if explains else placeholder(cfg.missing_tag_reward),
         r_ss=r_ss,
         r_kl=r_kl,
         solution_tokens=len(prep.student_sol),

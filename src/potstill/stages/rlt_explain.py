@@ -170,7 +170,7 @@ def run_explain(cfg: RLTExplainConfig, console: Console | None = None) -> dict:
             backend.close()
         counts.update(closed=sum(r["explanation_closed"] for r in explained))
         counts.update(explanations=len(explained), records=len(records))
-        kept = [r for r in explained if r["explanation_closed"]]
+        kept = [r for r in explained if r["explanation_closed"] and r["explanation"].strip()]
         if cfg.select == "best":
             kept = select_best(kept)
         for r in kept:
