@@ -338,12 +338,12 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     head = ("tok/s cpu", "tok/s wall", "cpu share", "s/step", "peak MiB", "weights", "above")
-    print(f"{'trainer':<58} " + " ".join(f"{h:>10}" for h in head + ("loss 1",)))
+    print(f"{'trainer':<62} " + " ".join(f"{h:>10}" for h in head + ("loss 1",)))
     for name, r in results.items():
         cells = (r["tokens_per_cpu_s"], r["tokens_per_s"], r["cpu_share"], r["step_s"])
         loss = "" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
         print(
-            f"{TRAINERS[name]:<58} "
+            f"{TRAINERS[name]:<62} "
             + " ".join(f"{c:>10.2f}" for c in cells)
             + f" {r['peak_mib']:>10.0f} {r['weights_mib']:>10.0f}"
             + f" {r['peak_mib'] - r['weights_mib']:>10.0f} {loss:>10}"
