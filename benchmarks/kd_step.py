@@ -4,13 +4,18 @@
     python benchmarks/kd_step.py --steps 1 --seqs 1   # a quick look
 
 Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct with LoRA (r 16, all
-linear layers), both fp32 on CPU, loaded from the offline kit. Every trainer sees the same
-sequences (reasoning-gym gsm_symbolic question -> worked solution, built by `build_example`): one
-optimizer step = `--seqs` micro-batches of one sequence (no padding, so every trainer computes the
-same tokens), and every step is the same window. Objective: off-policy forward KL, T = 1, no hard
+linear layers), both fp32 on CPU, loaded from the offline kit; two further potstill rows load
+the teacher in bf16 (weights stored and computed in bf16; the loss upcasts its logits to fp32),
+then the teacher and the student's frozen base in bf16 (PEFT keeps the LoRA adapters fp32). TRL
+runs as shipped, fp32. Every trainer sees the same sequences (reasoning-gym gsm_symbolic
+question -> worked solution, built by `build_example`): one optimizer step = `--seqs`
+micro-batches of one sequence (no padding, so every trainer computes the same tokens), and every
+step is the same window. Objective: off-policy forward KL, T = 1, no hard
 loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
 
-- potstill: `train.loop.train` with the distill loss (`chunked_kd_loss`, `TeacherHidden`).
+- potstill: `train.loop.train` with the distill loss (`chunked_kd_loss`, `TeacherHidden`); the
+  bf16 rows also report their first step's loss against the fp32 row's (same weights, same
+  sequences: `bf16_*_loss_diff`, `bf16_*_loss_rel_diff`).
 - TRL `DistillationTrainer`: it has no off-policy mode in 1.16 (it always samples completions), so
   its `_generate` is replaced by a lookup of the same completions; the rest of its step (hidden
   states of both models, its chunked divergence kernel, backward) runs as shipped. That favours it:
@@ -21,10 +26,14 @@ loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
 Each trainer runs in a fresh process. Time: the steps after one warm-up step. This machine's CPU
 is shared, so `speedup` compares tokens per CPU-second the process actually got (times its
 threads: the tokens/s it would reach alone); wall-clock tokens/s and the CPU share each process
-got are printed too (`wall_speedup`). Memory: the
-process's peak RSS from after the two models are loaded (identical for all three) to the end of
-training (reset through /proc/self/clear_refs), so it holds the weights, the trainer's setup and
-its steps. Ends with `RESULT speedup=… mem_ratio=…` against the better TRL trainer on each axis.
+got are printed too (`wall_speedup`). Memory: the process's peak RSS from after the two models
+are loaded (the same RSS for all fp32 rows) to the end of training (reset through
+/proc/self/clear_refs), so it holds the weights, the trainer's setup and its steps. `weights`:
+the bytes of both models' tensors before LoRA; `above`: the peak less them. (bf16 weights are
+mapped from the kit's bf16 safetensors, so the RSS right after loading, `models_mib` in the
+worker's JSON, holds them only once they are read; the peak counts them.) Ends with
+`RESULT speedup=… mem_ratio=…` against the better TRL trainer on each axis, then
+`bf16_teacher_…` and `bf16_base_…`: the bf16 rows against the same TRL figures.
 """
 
 from __future__ import annotations
@@ -41,9 +50,15 @@ from pathlib import Path
 TEACHER, STUDENT = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
 TRAINERS = {
     "potstill": "potstill distill (online, fused chunked loss)",
+    "potstill_bf16_teacher": "potstill distill, teacher bf16",
+    "potstill_bf16_base": "potstill distill, teacher + student base bf16, LoRA fp32",
     "trl_distill": "TRL 1.16 DistillationTrainer (chunked, off-policy via lookup)",
     "trl_gkd": "TRL 1.16 GKDTrainer (lmbda=0, beta=0)",
 }
+DTYPES = {"potstill_bf16_teacher": ("bfloat16", "float32"), "potstill_bf16_base": ("bfloat16",) * 2}
+"""(teacher, student) weight dtypes where not fp32 (bf16: stored and computed in bf16)."""
+BF16_ROWS = {"potstill_bf16_teacher": "bf16_teacher", "potstill_bf16_base": "bf16_base"}
+"""bf16 settings -> their RESULT key prefix."""
 LR, LORA = 1e-4, {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
@@ -85,9 +100,12 @@ class StepClock:
 
     def __init__(self):
         self.ends: list[tuple[float, float]] = []
+        self.losses: list[float] = []
 
-    def tick(self) -> None:
+    def tick(self, loss: float | None = None) -> None:
         self.ends.append((time.perf_counter(), time.process_time()))
+        if loss is not None:
+            self.losses.append(loss)
 
     def timed(self, warmup: int = 1) -> tuple[float, float]:
         """(wall seconds, CPU seconds over all threads) of the steps after the warm-up."""
@@ -125,7 +143,7 @@ def run_potstill(student, teacher, tokenizer, items, args, clock: StepClock, out
 
     class Hooks(DistillHooks):
         def after_step(self, step, logged):
-            clock.tick()
+            clock.tick(logged["loss"])
 
     student = apply_lora(student, LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0))
     hooks = Hooks(cfg, tokenizer)
@@ -255,14 +273,17 @@ def worker(name: str, args) -> dict:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.student)
     items = build_items(tokenizer, args.seqs, args.max_seq_len)
-    teacher = load_model(args.teacher, dtype="float32", device="cpu").eval().requires_grad_(False)
-    student = load_model(args.student, dtype="float32", device="cpu")
+    teacher_dtype, student_dtype = DTYPES.get(name, ("float32", "float32"))
+    teacher = load_model(args.teacher, dtype=teacher_dtype, device="cpu")
+    teacher.eval().requires_grad_(False)
+    student = load_model(args.student, dtype=student_dtype, device="cpu")
     loaded_kib = _status_kib("VmRSS")
+    weights = sum(t.nbytes for m in (teacher, student) for t in (*m.parameters(), *m.buffers()))
     _reset_peak()
     clock = StepClock()
-    runner = {"potstill": run_potstill, "trl_distill": run_trl_distill, "trl_gkd": run_trl_gkd}
+    runner = {"trl_distill": run_trl_distill, "trl_gkd": run_trl_gkd}.get(name, run_potstill)
     with tempfile.TemporaryDirectory() as out:
-        runner[name](student, teacher, tokenizer, items, args, clock, out)
+        runner(student, teacher, tokenizer, items, args, clock, out)
     if len(clock.ends) != args.steps + 1:
         raise RuntimeError(f"{name}: {len(clock.ends)} steps timed, expected {args.steps + 1}")
     tokens = args.steps * sum(sum(lb != -100 for lb in it.example.labels[1:]) for it in items)
@@ -276,7 +297,10 @@ def worker(name: str, args) -> dict:
         "cpu_share": cpu_seconds / (seconds * threads),
         "peak_mib": _status_kib("VmHWM") / 1024,
         "models_mib": loaded_kib / 1024,
+        "weights_mib": weights / 2**20,
         "tokens_per_step": tokens // args.steps,
+        # The first step: the same weights and sequences in every potstill setting.
+        "first_loss": clock.losses[0] if clock.losses else None,
     }
 
 
@@ -308,30 +332,51 @@ def main() -> None:
         results[name] = json.loads(lines[-1][7:])
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(f"\n{args.seqs} sequences x <= {args.max_seq_len} tokens per step, {args.steps} steps")
-    head = ("trainer", "tok/s cpu", "tok/s wall", "cpu share", "s/step", "peak MiB", "models MiB")
-    print(f"{head[0]:<64} " + " ".join(f"{h:>10}" for h in head[1:]))
+    print_table(results)
+    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in figures(results).items()))
+
+
+def print_table(results: dict) -> None:
+    head = ("tok/s cpu", "tok/s wall", "cpu share", "s/step", "peak MiB", "weights", "above")
+    print(f"{'trainer':<62} " + " ".join(f"{h:>10}" for h in head + ("loss 1",)))
     for name, r in results.items():
         cells = (r["tokens_per_cpu_s"], r["tokens_per_s"], r["cpu_share"], r["step_s"])
+        loss = "" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
         print(
-            f"{TRAINERS[name]:<64} "
+            f"{TRAINERS[name]:<62} "
             + " ".join(f"{c:>10.2f}" for c in cells)
-            + f" {r['peak_mib']:>10.0f} {r['models_mib']:>10.0f}"
+            + f" {r['peak_mib']:>10.0f} {r['weights_mib']:>10.0f}"
+            + f" {r['peak_mib'] - r['weights_mib']:>10.0f} {loss:>10}"
         )
+
+
+def figures(results: dict) -> dict[str, float]:
+    """RESULT's figures: potstill (fp32, then each bf16 setting) against the better TRL trainer
+    on each axis; a bf16 setting's first-step loss against the fp32 one's."""
     ours = results.get("potstill")
     trl = [results[n] for n in ("trl_distill", "trl_gkd") if n in results]
     if ours is None or not trl:
         raise SystemExit("RESULT missing: a trainer failed")
-    figures = {
-        "speedup": ours["tokens_per_cpu_s"] / max(r["tokens_per_cpu_s"] for r in trl),
-        "mem_ratio": ours["peak_mib"] / min(r["peak_mib"] for r in trl),
+    best_speed = max(r["tokens_per_cpu_s"] for r in trl)
+    least_mem = min(r["peak_mib"] for r in trl)
+    out = {
+        "speedup": ours["tokens_per_cpu_s"] / best_speed,
+        "mem_ratio": ours["peak_mib"] / least_mem,
         "wall_speedup": ours["tokens_per_s"] / max(r["tokens_per_s"] for r in trl),
     }
     for name in ("trl_distill", "trl_gkd"):
         if name in results:
             other = results[name]
-            figures[f"speedup_vs_{name}"] = ours["tokens_per_cpu_s"] / other["tokens_per_cpu_s"]
-            figures[f"mem_ratio_vs_{name}"] = ours["peak_mib"] / other["peak_mib"]
-    print("RESULT " + " ".join(f"{k}={v:.3g}" for k, v in figures.items()))
+            out[f"speedup_vs_{name}"] = ours["tokens_per_cpu_s"] / other["tokens_per_cpu_s"]
+            out[f"mem_ratio_vs_{name}"] = ours["peak_mib"] / other["peak_mib"]
+    for name, key in BF16_ROWS.items():
+        if name in results:
+            row, diff = results[name], results[name]["first_loss"] - ours["first_loss"]
+            out[f"{key}_speedup"] = row["tokens_per_cpu_s"] / best_speed
+            out[f"{key}_mem_ratio"] = row["peak_mib"] / least_mem
+            out[f"{key}_loss_diff"] = diff
+            out[f"{key}_loss_rel_diff"] = diff / ours["first_loss"]
+    return out
 
 
 if __name__ == "__main__":
