@@ -23,13 +23,13 @@ $P rlt train --config configs/rlt_train-cpu.yaml
 # student format).
 for teacher in grpo:runs/rlt/train/final warmup:runs/rlt/warmup/final; do
   $P rlt explain --config configs/rlt_explain-cpu.yaml --set teacher.name="${teacher#*:}" \
-    --set data.source="$TRAIN" --set sampling.batch_size=48 --set score=false \
+    --set data.source="$TRAIN" --set sampling.batch_size=16 --set score=false \
     --set run.output_dir="$OUT/explain-${teacher%%:*}"
 done
 # (iv): the 1.5B answers each training question (greedy, step_by_step); verified answers kept.
 $P generate --config configs/generate-gsm.yaml --set data.source="$TRAIN" "${BF16[@]}" \
   --set generation.num_samples=1 --set generation.temperature=0.0 \
-  --set generation.max_new_tokens=256 --set generation.batch_size=48 \
+  --set generation.max_new_tokens=256 --set generation.batch_size=16 \
   --set run.output_dir="$OUT/traces-generate"
 $P curate --config configs/curate-gsm.yaml --set data.source="$OUT/traces-generate/samples" \
   --set run.output_dir="$OUT/traces-curate"
