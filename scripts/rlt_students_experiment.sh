@@ -33,9 +33,15 @@ $P generate --config configs/generate-gsm.yaml --set data.source="$TRAIN" "${BF1
   --set run.output_dir="$OUT/traces-generate"
 $P curate --config configs/curate-gsm.yaml --set data.source="$OUT/traces-generate/samples" \
   --set run.output_dir="$OUT/traces-curate"
+# Every student learns to answer the bare question, so the traces are trained without the prompt
+# they were written under: sft refuses that for a `completion` (rightly, by default), so the
+# text is copied to a field of its own, a choice made on purpose here.
+.venv/bin/python -c 'import sys; from potstill.data import read_records, write_records
+write_records(sys.argv[2], [{**r, "trace": r["completion"]} for r in read_records(sys.argv[1])])' \
+  "$OUT/traces-curate/kept.jsonl" "$OUT/traces.jsonl"
 
 sft() {  # $1: 0.5b|1.5b, $2: source name, $3: records, $4: the field the student learns
-  # Every student trains without a system prompt, the 1.5B's traces too: all answer alike.
+  # Every student trains without a system prompt: all answer alike.
   $P sft --config configs/sft-gsm.yaml --set model.name="qwen2.5-coder-$1-instruct" \
     "${BF16[@]}" --set data.source="$3" --set data.target_field="$4" \
     --set data.system_prompt=null --set train.max_steps=12 --set train.micro_batch_size=4 \
@@ -45,6 +51,6 @@ for size in 0.5b 1.5b; do
   sft "$size" grpo "$OUT/explain-grpo/explained.jsonl" completion
   sft "$size" warmup "$OUT/explain-warmup/explained.jsonl" completion
   sft "$size" raw "$TRAIN" solution
-  sft "$size" traces "$OUT/traces-curate/kept.jsonl" completion
+  sft "$size" traces "$OUT/traces.jsonl" trace
   $P eval --config "configs/eval-rlt-students-$size-cpu.yaml"
 done
