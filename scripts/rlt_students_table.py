@@ -23,16 +23,20 @@ SOURCES = ["before", "on GRPO teacher", "on pre-GRPO teacher", "on raw solutions
 PAIRS = [("on GRPO teacher", "on pre-GRPO teacher")] + [(s, "before") for s in SOURCES[1:]]
 
 
-def verified(eval_dir: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """(label, task) -> {question id: 1.0 | 0.0} from eval's answer files."""
+def verified(eval_dirs: list[Path], size: str) -> dict[tuple[str, str], dict[str, float]]:
+    """(label, task) -> {question id: 1.0 | 0.0} from the answer files of eval runs (a later
+    run's answers for the same label and task replace an earlier one's)."""
     out: dict[tuple[str, str], dict[str, float]] = {}
-    report = json.loads((eval_dir / "eval.json").read_text())
-    for label in (m["label"] for m in report["models"]):
-        folder = eval_dir / "answers" / slug(label)
-        for task_dir in folder.iterdir() if folder.is_dir() else []:
-            rows = [json.loads(line) for f in sorted(task_dir.glob("*.jsonl"))
-                    for line in f.read_text().splitlines() if line.strip()]  # fmt: skip
-            out[(label, task_dir.name)] = {r["source_id"]: float(r["verified"]) for r in rows}
+    for eval_dir in eval_dirs:
+        for label in (f"{size} {s}" for s in SOURCES):
+            folder = eval_dir / "answers" / slug(label)
+            for task_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+                rows = [json.loads(line) for f in sorted(task_dir.glob("*.jsonl"))
+                        for line in f.read_text().splitlines() if line.strip()]  # fmt: skip
+                if rows:  # an empty folder (a run still going) replaces nothing
+                    out[(label, task_dir.name)] = {
+                        r["source_id"]: float(r["verified"]) for r in rows
+                    }
     return out
 
 
@@ -75,11 +79,12 @@ def table(size: str, scores: dict) -> list[str]:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/rlt-students")
     for size in ("0.5B", "1.5B"):
-        eval_dir = root / f"eval-{size.lower()}"
-        if not (eval_dir / "eval.json").is_file():
-            print(f"{size}: {eval_dir}/eval.json not there yet\n")
+        dirs = sorted(root.glob(f"eval-{size.lower()}*/"))
+        scores = verified(dirs, size)
+        if not scores:
+            print(f"{size}: no answers under {root}/eval-{size.lower()}* yet\n")
             continue
-        print("\n".join(table(size, verified(eval_dir))) + "\n")
+        print("\n".join(table(size, scores)) + "\n")
 
 
 if __name__ == "__main__":
