@@ -287,16 +287,17 @@ def step_flops(student: Shape, teacher: Shape | None, s: Settings) -> float:
     return per_token * tokens * s.grad_accum
 
 
-def measure_throughput(size: int = 512, seconds: float = 0.5, dtype: str = "float32") -> float:
-    """FLOP/s of a size×size matmul in `dtype` on the CPU, the best over `seconds` of repeats
-    (after as long a warm-up: the thread pool and oneDNN's kernels are built on first use, and
-    the first calls run ~10x slow): the ceiling a training step's matmuls reach."""
+def measure_throughput(size: int = 512, seconds: float = 0.5, dtype="auto") -> float:
+    """FLOP/s of a size×size matmul on the CPU in `dtype` as a model config names it (auto:
+    float32 there), the best over `seconds` of repeats (after as long a warm-up: the thread pool
+    and oneDNN's kernels are built on first use, and the first calls run ~10x slow): the
+    ceiling a training step's matmuls reach."""
     import torch
 
-    from potstill.models import DTYPES
+    from potstill.models import resolve_dtype
 
-    a = torch.randn(size, size, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, dtype=DTYPES[dtype])
+    a = torch.randn(size, size, dtype=resolve_dtype(dtype, "cpu"))
+    b = torch.randn(size, size, dtype=a.dtype)
     best, warm_until = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < warm_until:
         a @ b

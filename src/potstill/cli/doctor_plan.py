@@ -59,7 +59,7 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
         model_shape,
         settings_from_config,
     )
-    from potstill.models import load_model_config
+    from potstill.models import load_model_config, resolve_dtype
 
     key = detect_stage(path, stage)
     cfg = load_config(get_verb(key).config_class(), path)
@@ -75,9 +75,9 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
     else:
         available, source = int(memory_gb * (1 << 30)), "--memory-gb"
     model = cfg.model if key == "sft" else cfg.student
-    dtype = "float32" if model.dtype == "auto" else model.dtype  # auto: float32 on a CPU
+    dtype = resolve_dtype(model.dtype, "cpu")
     if gflops is None:
-        probe = f"a 512×512 {dtype} matmul probe on the CPU"
+        probe = f"a 512×512 {str(dtype).removeprefix('torch.')} matmul probe on the CPU"
         throughput, how = measure_throughput(dtype=dtype), probe
     else:
         throughput, how = gflops * 1e9, "--gflops"
@@ -85,7 +85,7 @@ def config_plan(teacher: str, student: str, path: Path, stage: str | None,
         shapes[1], shapes[0] if key == "distill" else None, settings, available=available,
         available_source=source, throughput=throughput, throughput_source=how,
     )  # fmt: skip
-    notes = [] if on_gpu or gflops is not None or dtype != "float32" else bf16_note(plan)
+    notes = [] if on_gpu or gflops is not None or dtype != torch.float32 else bf16_note(plan)
     if model.name != student:
         notes.append(f"  note: the config's student is {model.name}; planned for {student}")
     return plan, plan_lines(plan, settings) + notes

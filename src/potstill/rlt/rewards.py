@@ -46,7 +46,7 @@ from potstill.rlt.prompts import (
     system_prompt,
     tokenise,
 )
-from potstill.rlt.unclosed import placeholder
+from potstill.rlt.unclosed import explains, placeholder
 
 Reduction = Literal["mean", "min", "max", "sum"]
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -213,9 +213,9 @@ def _finish(
     r_ss = solution_reward(student_sol, cfg)
     r_kl = kl_penalty(log_ratio, cfg)
     closed = prep.sample.closed
-    explains = closed and prep.n_groups > 0  # an empty explanation counts as unclosed
+    counts = explains(closed, prep.n_groups)  # an empty explanation counts as unclosed
     return RewardResult(
-        rlt_reward=r_ss - cfg.lam * r_kl if explains else placeholder(cfg.missing_tag_reward),
+        rlt_reward=r_ss - cfg.lam * r_kl if counts else placeholder(cfg.missing_tag_reward),
         r_ss=r_ss,
         r_kl=r_kl,
         solution_tokens=len(prep.student_sol),

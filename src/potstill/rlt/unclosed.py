@@ -31,10 +31,10 @@ def rank_unclosed_last(rewards: Sequence, groups: Sequence[Hashable], fixed: flo
     sample i's question). Skipped samples (no reward) stay as they are."""
     if fixed is not None:
         return [_with(r, fixed) if _unclosed(r) else r for r in rewards]
-    closed = [r.rlt_reward for r in rewards if r.rlt_reward is not None and explains(r)]
+    closed = [r.rlt_reward for r in rewards if r.rlt_reward is not None and _explains(r)]
     by_group: dict[Hashable, list[float]] = {}
     for r, group in zip(rewards, groups, strict=True):
-        if r.rlt_reward is not None and explains(r):
+        if r.rlt_reward is not None and _explains(r):
             by_group.setdefault(group, []).append(r.rlt_reward)
     out = []
     for r, group in zip(rewards, groups, strict=True):
@@ -45,13 +45,17 @@ def rank_unclosed_last(rewards: Sequence, groups: Sequence[Hashable], fixed: flo
     return out
 
 
-def explains(r) -> bool:
-    """The result is of a closed, non-empty explanation (one that earns r^SS − λ·r^KL)."""
-    return r.closed and r.explanation_tokens > 0
+def explains(closed: bool, explanation_tokens: int) -> bool:
+    """A closed, non-empty explanation: one that earns r^SS − λ·r^KL (module docstring)."""
+    return closed and explanation_tokens > 0
+
+
+def _explains(r) -> bool:
+    return explains(r.closed, r.explanation_tokens)
 
 
 def _unclosed(r) -> bool:
-    return not explains(r) and r.skipped is None
+    return not _explains(r) and r.skipped is None
 
 
 def _with(r, reward: float):
