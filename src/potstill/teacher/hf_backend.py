@@ -1,9 +1,9 @@
-"""The default backend: Hugging Face `generate`, batched, on CPU or GPU.
+"""The default backend: a transformers model, continuously batched, on CPU or GPU.
 
-Prompts are sorted by token length so a batch wastes little padding, and padded on the left so every
-row's new tokens start at the same column. The decoding loop is our own, on the model's KV cache:
-rows that finish leave the batch at once (HF `generate` keeps computing them until the longest row
-ends; how much that saves depends on how much completion lengths vary and is not benchmarked). Each
+The decoding loop is our own, on the model's KV cache (`hf_rows`): up to `batch_size` requests
+decode together, shortest prompts first; a row leaves the batch the step it finishes and the next
+prompt takes its slot, so the batch stays full and no row waits for the longest (HF `generate`
+runs a batch until its longest row ends). Rows are left-padded to a common length. Each
 row samples with its own `torch.Generator`, so a request's sample depends on its seed alone, not
 on which other requests share its batch. The model's `generation_config` defaults (e.g. Qwen's
 repetition penalty and top-k) are not applied: the sample is exactly what `Sampling` says.
@@ -11,11 +11,13 @@ repetition penalty and top-k) are not applied: the sample is exactly what `Sampl
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from potstill.data.chat import render_chat, stop_token_id
+from potstill.teacher import hf_rows
 from potstill.teacher.backends import Backend, Generation, Request, Sampling
 
 
@@ -54,18 +56,34 @@ def _nucleus(probs: torch.Tensor, top_p: float, candidates: int = 1024) -> torch
     return torch.zeros_like(probs).scatter_(-1, idx, top.masked_fill(outside, 0.0))
 
 
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Request indices by prompt length, ties in request order: the order requests start in."""
+    return sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+
 def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """The batches (request indices) `HFBackend.generate` runs: by prompt length, ties in request
     order. The Ray engine makes the same batches, so its samples are the local ones bit for bit."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    order = length_order(lengths)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class HFBackend(Backend):
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 8, model_id: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 8,
+        model_id: str | None = None,
+        continuous: bool = True,
+    ):
+        """`continuous=False`: static batches (the next batch starts when the last row of this
+        one ends), what a sliding-window model always gets; kept for comparison."""
         self.model = model
+        self.continuous = continuous
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.model_id = model_id or getattr(model.config, "_name_or_path", "") or "model"
@@ -90,86 +108,65 @@ class HFBackend(Backend):
     def generate(
         self, requests: Sequence[Request], sampling: Sampling
     ) -> Iterator[tuple[Request, Generation]]:
+        """Continuous batching: up to `batch_size` requests decode together, shortest prompts
+        first; a finished row leaves at once and the next prompt takes its slot (`hf_rows`).
+        Models with sliding-window layers run the same order in static batches."""
         prompts = [render_prompt(self.tokenizer, r) for r in requests]
-        lengths = [len(self._encode(p)) for p in prompts]
-        self.tokenizer.padding_side = "left"
-        for idx in batch_order(lengths, self.batch_size):
-            batch = [requests[i] for i in idx]
-            texts = self._generate_batch([prompts[i] for i in idx], batch, sampling)
-            yield from zip(batch, texts, strict=True)
+        ids = [self._encode(p) for p in prompts]
+        queue = deque(length_order([len(x) for x in ids]))
+        if sampling.max_new_tokens <= 0:
+            queue.clear()
+            for i, request in enumerate(requests):
+                yield request, Generation("", len(ids[i]), 0, "length", token_ids=[])
+        decode = _Decode(requests, sampling)
+        refill = self.continuous and hf_rows.joinable(self.model)
+        rows = None
+        while queue or rows is not None:
+            # fill every free slot (a newcomer can finish on its first token: fill again)
+            while queue and (free := self.batch_size - len(rows or ())) and (refill or not rows):
+                take = [queue.popleft() for _ in range(min(free, len(queue)))]
+                newcomers, done = self._sample(self._prefill([ids[i] for i in take], take), decode)
+                yield from ((requests[i], self._finish(decode, i, len(ids[i]))) for i in done)
+                if newcomers is not None:
+                    rows = newcomers if rows is None else hf_rows.join(rows, newcomers)
+            if rows is None:
+                continue
+            last = [decode.tokens[i][-1] for i in rows.requests]
+            rows, done = self._sample(hf_rows.step(self.model, rows, last), decode)
+            yield from ((requests[i], self._finish(decode, i, len(ids[i]))) for i in done)
 
-    def _generate_batch(
-        self, prompts: list[str], requests: list[Request], sampling: Sampling
-    ) -> list[Generation]:
-        """Prefill the batch, then decode one token per step for the rows still running.
-        Finished rows leave the batch (their KV cache rows are dropped), so a batch costs what its
-        rows generate, not rows × its longest completion as with `generate`."""
-        from transformers import DynamicCache
+    def _sample(self, rows: hf_rows.Rows, decode: _Decode) -> tuple[hf_rows.Rows | None, list]:
+        """Each row's next token; the rows still decoding, and the requests that finished."""
+        sampling = decode.sampling
+        chosen = sample_rows(
+            rows.logits,
+            [decode.generators[i] for i in rows.requests],
+            sampling.temperature,
+            sampling.top_p,
+        ).tolist()
+        kept, done = [], []
+        for b, (i, token) in enumerate(zip(rows.requests, chosen, strict=True)):
+            (kept if decode.add(i, token, self) else done).append(b)
+        finished = [rows.requests[b] for b in done]
+        if not kept:
+            return None, finished
+        return (rows if not done else hf_rows.keep(rows, kept)), finished
 
-        inputs = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.model.device)
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-        rows = list(range(len(requests)))  # batch row -> request index, for the running rows
-        tokens: list[list[int]] = [[] for _ in requests]
-        finish = ["length"] * len(requests)
-        next_pos = positions[:, -1] + 1
-        window = max((len(s) for s in sampling.stop), default=0) + 4
-        for _ in range(sampling.max_new_tokens):
-            chosen = sample_rows(
-                logits, [generators[i] for i in rows], sampling.temperature, sampling.top_p
-            ).tolist()
-            still = []
-            for b, (i, token) in enumerate(zip(rows, chosen, strict=True)):
-                if token in self.eos_ids:
-                    finish[i] = "stop"
-                    continue
-                tokens[i].append(token)
-                if sampling.stop and self._hit_stop(tokens[i][-window:], sampling.stop):
-                    finish[i] = "stop"
-                    continue
-                still.append(b)
-            if not still or len(tokens[rows[still[0]]]) >= sampling.max_new_tokens:
-                break
-            if len(still) < len(rows):
-                keep = torch.tensor(still, device=mask.device)
-                cache.batch_select_indices(keep)
-                mask, next_pos = mask[keep], next_pos[keep]
-                rows = [rows[b] for b in still]
-            step_ids = torch.tensor([[tokens[i][-1]] for i in rows], device=mask.device)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            logits = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
-            next_pos = next_pos + 1
-        lengths = inputs["attention_mask"].sum(-1).tolist()
-        return [
-            self._finish(tokens[i], int(lengths[i]), finish[i], sampling)
-            for i in range(len(requests))
-        ]
+    def _prefill(self, prompts: list[list[int]], requests: list[int]) -> hf_rows.Rows:
+        """The prompts left-padded to the longest, prefilled together."""
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        device = self.model.device
+        return hf_rows.prefill(self.model, input_ids.to(device), mask.to(device), requests)
 
     def _hit_stop(self, tail: list[int], stops: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(tail, skip_special_tokens=True)
         return any(s in text for s in stops)
 
-    def _finish(
-        self, tokens: list[int], prompt_tokens: int, finish: str, sampling: Sampling
-    ) -> Generation:
+    def _finish(self, decode: _Decode, i: int, prompt_tokens: int) -> Generation:
+        tokens, sampling = decode.tokens[i], decode.sampling
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         stop_at = [text.find(s) for s in sampling.stop if s in text]
         if stop_at:
@@ -178,9 +175,32 @@ class HFBackend(Backend):
             text=text,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(tokens),
-            finish_reason=finish,
+            finish_reason=decode.finish[i],
             token_ids=list(tokens),
         )
+
+
+class _Decode:
+    """Per request: its generator, its sampled tokens, and how it ended."""
+
+    def __init__(self, requests: Sequence[Request], sampling: Sampling):
+        self.sampling = sampling
+        self.generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.finish = ["length"] * len(requests)
+        self.window = max((len(s) for s in sampling.stop), default=0) + 4
+
+    def add(self, i: int, token: int, backend: HFBackend) -> bool:
+        """Record request i's sampled token; whether it goes on decoding."""
+        if token in backend.eos_ids:
+            self.finish[i] = "stop"
+            return False
+        self.tokens[i].append(token)
+        stops = self.sampling.stop
+        if stops and backend._hit_stop(self.tokens[i][-self.window :], stops):
+            self.finish[i] = "stop"
+            return False
+        return len(self.tokens[i]) < self.sampling.max_new_tokens
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
