@@ -7,7 +7,7 @@ of N explanations per question is kept by RLT reward for a given student.
 1. Generate N explanations per record through any backend (hf, vllm, openai), resumable: the
    explanations are shards keyed `{record id}#{n}` with seeds from (seed, record id, n), so a
    killed run, rerun, writes only what is missing. With `engine: ray` a pool of Ray actors
-   generates and this process writes the same shards; explanations that failed every retry are
+   generates and this process writes the same records; explanations that failed every retry are
    listed in `failed.jsonl`, and a rerun generates them.
 2. Score (when `select: best` or `score: true`): the RLT reward of each explanation for the
    student, with the teacher's own log-probs (see `rlt.rewards`), always in this process.

@@ -5,9 +5,10 @@
 The driver builds the requests (ids, per-sample seeds from the record id: `data.seeds`), asks a
 worker for the prompt lengths, and cuts the batches exactly as `HFBackend.generate` would
 (`batch_order`); each actor runs the configured backend (hf, vllm) over whole batches, and the
-results come back in batch order, so the stage writes the same records, in the same shards, as
-the local engine. A batch that fails every retry is kept in `failed`, not yielded: the stage lists
-it in `failed.jsonl` and a rerun generates it.
+results come back in batch order, so the stage writes the same records as the local engine (in
+the same shards where every row of a batch ends together: the local hf engine batches
+continuously and writes rows as they finish). A batch that fails every retry is kept in
+`failed`, not yielded: the stage lists it in `failed.jsonl` and a rerun generates it.
 """
 
 from __future__ import annotations
