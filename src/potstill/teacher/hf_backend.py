@@ -62,8 +62,9 @@ def length_order(lengths: Sequence[int]) -> list[int]:
 
 
 def batch_order(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """The batches (request indices) `HFBackend.generate` runs: by prompt length, ties in request
-    order. The Ray engine makes the same batches, so its samples are the local ones bit for bit."""
+    """Static batches (request indices) in `length_order`: what `HFBackend.generate` runs without
+    continuous batching, and what the Ray engine hands its actors (a request's sample depends on
+    its seed alone, so the local engine's samples are the same)."""
     order = length_order(lengths)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
