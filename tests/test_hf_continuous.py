@@ -32,23 +32,16 @@ def requests() -> list[Request]:
     ]
 
 
-def run(backend: HFBackend, sampling: Sampling) -> dict[str, tuple]:
+def run(backend: HFBackend, sampling: Sampling, batch: list[Request] | None = None) -> dict:
     return {
         r.key: (g.token_ids, g.text, g.finish_reason, g.completion_tokens, g.prompt_tokens)
-        for r, g in backend.generate(requests(), sampling)
+        for r, g in backend.generate(batch or requests(), sampling)
     }
 
 
 def alone(model, tokenizer, sampling: Sampling) -> dict[str, tuple]:
     backend = HFBackend(model, tokenizer, batch_size=1)
-    return {k: v for r in requests() for k, v in _one(backend, r, sampling).items()}
-
-
-def _one(backend, request, sampling):
-    return {
-        r.key: (g.token_ids, g.text, g.finish_reason, g.completion_tokens, g.prompt_tokens)
-        for r, g in backend.generate([request], sampling)
-    }
+    return {k: v for r in requests() for k, v in run(backend, sampling, [r]).items()}
 
 
 @pytest.mark.parametrize(
