@@ -4,6 +4,7 @@
 # GRPO, (iii) the raw worked solutions, (iv) the 1.5B's own verified traces; each fine-tunes the
 # 0.5B and the 1.5B student at one budget; every student answers the held-out sets.
 #   bash scripts/rlt_students_experiment.sh        (every step resumes when rerun)
+#   SIZES=1.5b bash scripts/rlt_students_experiment.sh   (one student size only)
 # All in bf16: this CPU has avx512_bf16, where bf16 runs ~4x faster than fp32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +48,7 @@ sft() {  # $1: 0.5b|1.5b, $2: source name, $3: records, $4: the field the studen
     --set data.system_prompt=null --set train.max_steps=12 --set train.micro_batch_size=4 \
     --set train.grad_accum=2 --set train.max_seq_len=512 --set run.output_dir="$OUT/sft-$1-$2"
 }
-for size in 0.5b 1.5b; do
+for size in ${SIZES:-0.5b 1.5b}; do
   sft "$size" grpo "$OUT/explain-grpo/explained.jsonl" completion
   sft "$size" warmup "$OUT/explain-warmup/explained.jsonl" completion
   sft "$size" raw "$TRAIN" solution
