@@ -6,7 +6,9 @@
 Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct with LoRA (r 16, all
 linear layers), both fp32 on CPU, loaded from the offline kit; two further potstill rows load
 the teacher in bf16 (weights stored and computed in bf16; the loss upcasts its logits to fp32),
-then the teacher and the student's frozen base in bf16 (PEFT keeps the LoRA adapters fp32). TRL
+then the teacher and the student's frozen base in bf16 (PEFT keeps the LoRA adapters fp32), and
+one stores the teacher's linear weights in bf16 but computes in fp32 (`teacher.storage_dtype`,
+for CPUs without fast bf16 math, where the other bf16 rows are emulated and slow). TRL
 runs as shipped, fp32. Every trainer sees the same sequences (reasoning-gym gsm_symbolic
 question -> worked solution, built by `build_example`): one optimizer step = `--seqs`
 micro-batches of one sequence (no padding, so every trainer computes the same tokens), and every
@@ -33,7 +35,7 @@ the bytes of both models' tensors before LoRA; `above`: the peak less them. (bf1
 mapped from the kit's bf16 safetensors, so the RSS right after loading, `models_mib` in the
 worker's JSON, holds them only once they are read; the peak counts them.) Ends with
 `RESULT speedup=… mem_ratio=…` against the better TRL trainer on each axis, then
-`bf16_teacher_…` and `bf16_base_…`: the bf16 rows against the same TRL figures.
+`bf16_teacher_…`, `bf16_base_…` and `bf16_storage_…`: the bf16 rows against the same TRL figures.
 """
 
 from __future__ import annotations
@@ -52,12 +54,17 @@ TRAINERS = {
     "potstill": "potstill distill (online, fused chunked loss)",
     "potstill_bf16_teacher": "potstill distill, teacher bf16",
     "potstill_bf16_base": "potstill distill, teacher + student base bf16, LoRA fp32",
+    "potstill_bf16_storage": "potstill distill, teacher stored bf16, computed fp32",
     "trl_distill": "TRL 1.16 DistillationTrainer (chunked, off-policy via lookup)",
     "trl_gkd": "TRL 1.16 GKDTrainer (lmbda=0, beta=0)",
 }
 DTYPES = {"potstill_bf16_teacher": ("bfloat16", "float32"), "potstill_bf16_base": ("bfloat16",) * 2}
 """(teacher, student) weight dtypes where not fp32 (bf16: stored and computed in bf16)."""
-BF16_ROWS = {"potstill_bf16_teacher": "bf16_teacher", "potstill_bf16_base": "bf16_base"}
+BF16_ROWS = {
+    "potstill_bf16_teacher": "bf16_teacher",
+    "potstill_bf16_base": "bf16_base",
+    "potstill_bf16_storage": "bf16_storage",
+}
 """bf16 settings -> their RESULT key prefix."""
 LR, LORA = 1e-4, {"r": 16, "alpha": 32, "dropout": 0.0}
 
@@ -274,8 +281,13 @@ def worker(name: str, args) -> dict:
     tokenizer = load_tokenizer(args.student)
     items = build_items(tokenizer, args.seqs, args.max_seq_len)
     teacher_dtype, student_dtype = DTYPES.get(name, ("float32", "float32"))
-    teacher = load_model(args.teacher, dtype=teacher_dtype, device="cpu")
+    storage = name == "potstill_bf16_storage"  # loaded as saved (bf16), then narrow_storage
+    teacher = load_model(args.teacher, dtype="bfloat16" if storage else teacher_dtype, device="cpu")
     teacher.eval().requires_grad_(False)
+    if storage:
+        from potstill.train.frozen_storage import narrow_storage
+
+        narrow_storage(teacher, torch.bfloat16, torch.float32)
     student = load_model(args.student, dtype=student_dtype, device="cpu")
     loaded_kib = _status_kib("VmRSS")
     weights = sum(t.nbytes for m in (teacher, student) for t in (*m.parameters(), *m.buffers()))

@@ -221,14 +221,21 @@ def load_teacher(cfg, student_vocab: int, device, *, same_vocab: bool = True):
     """The online teacher, one copy per process: beside the student (`device`) unless
     teacher.model.device names a device of its own. `same_vocab=False` (loss.cross_tokenizer)
     accepts an lm_head of another size."""
-    from potstill.models import load_model
+    from potstill.models import DTYPES, load_model, resolve_device, resolve_dtype
+    from potstill.train.frozen_storage import narrow_storage
 
-    spec = cfg.teacher.model
+    spec, storage = cfg.teacher.model, cfg.teacher.storage_dtype
     place = str(device) if spec.device == "auto" else spec.device
+    compute = resolve_dtype(spec.dtype, resolve_device(place))
     teacher = load_model(
-        spec.name, dtype=spec.dtype, device=place, trust_remote_code=spec.trust_remote_code
+        spec.name,
+        dtype=_load_dtype(spec, DTYPES[storage], compute) if storage else compute,
+        device=place,
+        trust_remote_code=spec.trust_remote_code,
     )
     teacher.eval().requires_grad_(False)  # never trained: no gradients, no optimizer state
+    if storage and DTYPES[storage] != compute:
+        narrow_storage(teacher, DTYPES[storage], compute)
     rows = teacher.get_output_embeddings().weight.shape[0]
     if same_vocab and rows != student_vocab:
         raise ModelError(
@@ -237,3 +244,14 @@ def load_teacher(cfg, student_vocab: int, device, *, same_vocab: bool = True):
             "loss.cross_tokenizer (e.g. {loss: hybrid}) to distill across vocabularies"
         )
     return teacher
+
+
+def _load_dtype(spec, storage, compute):
+    """Weights saved in the storage dtype load in it (then the norms and lm_head are upcast
+    exactly, and the wide copy of every weight never exists at once); wider ones load in the
+    compute dtype, so that only the linear layers are rounded."""
+    from potstill.models import DTYPES, load_model_config
+
+    config = load_model_config(spec.name, trust_remote_code=spec.trust_remote_code)
+    saved = getattr(config, "dtype", None)  # a torch.dtype, or its name in older configs
+    return storage if DTYPES.get(saved, saved) == storage else compute

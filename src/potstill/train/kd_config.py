@@ -44,9 +44,25 @@ class DistillTeacherConfig:
     """Offline mode: the cache directory `potstill teacher cache` wrote."""
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     """Settings of on_policy mode."""
+    storage_dtype: Literal["bfloat16", "float16"] | None = None
+    """Keep the online teacher's linear weights in this dtype and compute in model.dtype (fp32
+    on CPU): about half the teacher's memory, with fp32 arithmetic, for a CPU without fast bf16
+    math (where `potstill doctor` does not suggest dtype: bfloat16). The lm_head stays in
+    model.dtype."""
 
     def __post_init__(self):
         check_given(self.cache, "cache", "the directory `potstill teacher cache` wrote, or null")
+        if self.storage_dtype is not None:
+            check(
+                self.model.dtype in ("auto", "float32"),
+                f"storage_dtype: {self.storage_dtype} storage computes in model.dtype, which is "
+                f"{self.model.dtype} already; set teacher.model.dtype=float32, or drop "
+                "teacher.storage_dtype",
+            )
+            check(
+                self.mode != "offline",
+                "storage_dtype: mode offline loads no teacher; drop teacher.storage_dtype",
+            )
         check(
             self.mode != "offline" or bool(self.cache),
             "mode: offline needs teacher.cache (the directory `potstill teacher cache` wrote)",
