@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,25 @@ def test_teacher_online_counts_its_weights_offline_none():
     offline = plan_memory(student, teacher, settings(stage="distill", teacher_mode="offline"))
     assert online.teacher == teacher.parameters * 2 + 128 * teacher.hidden * 2
     assert offline.teacher == 0
+
+
+def test_a_teacher_stored_in_bf16_counts_the_bytes_narrow_storage_keeps():
+    from potstill.train.frozen_storage import narrow_storage
+
+    config = qwen_config(hidden=96)
+    model = Qwen2ForCausalLM(config).eval()
+    teacher = model_shape(config)
+    assert teacher.parameters == sum(p.numel() for p in model.parameters())
+    narrow_storage(model, torch.bfloat16, torch.float32)
+    s = settings(stage="distill", teacher_mode="online", teacher_bytes=4)
+    narrow = replace(s, teacher_storage_bytes=2)
+    weights = sum(p.nbytes for p in model.parameters())  # linear weights 2 bytes, the rest 4
+    assert plan_memory(teacher, teacher, narrow).teacher == weights + 128 * teacher.hidden * 4
+    assert plan_memory(teacher, teacher, s).teacher == teacher.parameters * 4 + 128 * 96 * 4
+    room = plan_memory(teacher, teacher, narrow).peak  # fits stored narrow, not wide
+    plan = make_plan(teacher, teacher, s, available=room, available_source="test",
+                     throughput=1e9, throughput_source="test")  # fmt: skip
+    assert "teacher.storage_dtype=bfloat16" in plan.suggestions
 
 
 def test_a_plan_that_cannot_fit_says_what_would():

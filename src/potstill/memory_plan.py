@@ -112,6 +112,9 @@ class Settings:
     teacher_mode: str | None = None
     """online, on_policy, offline, or None (sft)."""
     teacher_bytes: int = 2
+    teacher_storage_bytes: int | None = None
+    """teacher.storage_dtype: bytes a weight of the teacher's linear layers (the rest stays at
+    teacher_bytes)."""
     cross_tokenizer: bool = False
     """loss.cross_tokenizer: the teacher's vocabulary is another one (its rows are chunked too)."""
     chunk_size: int | None = None
@@ -156,6 +159,9 @@ def settings_from_config(cfg, stage: str, on_gpu: bool) -> Settings:
         lora_top_layers=lora.top_layers if lora else None,
         teacher_mode=teacher.mode if teacher else None,
         teacher_bytes=dtype_bytes(teacher.model.dtype, on_gpu) if teacher else 2,
+        teacher_storage_bytes=DTYPE_BYTES[teacher.storage_dtype]
+        if teacher and stage == "distill" and teacher.storage_dtype
+        else None,
         cross_tokenizer=stage == "distill" and cfg.loss.cross_tokenizer is not None,
         chunk_size=cfg.loss.chunk_size if stage == "distill" else None,
         runtime_bytes=0 if on_gpu else RUNTIME_CPU_BYTES,
@@ -248,7 +254,11 @@ def loss_bytes(shape: Shape, s: Settings, teacher: Shape | None = None) -> int:
 def teacher_bytes(teacher: Shape | None, s: Settings) -> int:
     if teacher is None or s.teacher_mode in (None, "offline"):
         return 0
-    return teacher.parameters * s.teacher_bytes + s.tokens * teacher.hidden * s.teacher_bytes
+    weights = teacher.parameters * s.teacher_bytes
+    if s.teacher_storage_bytes is not None and s.teacher_storage_bytes < s.teacher_bytes:
+        linear = teacher.layers * sum(i * o for i, o in teacher.linear_dims().values())
+        weights -= linear * (s.teacher_bytes - s.teacher_storage_bytes)
+    return weights + s.tokens * teacher.hidden * s.teacher_bytes
 
 
 def plan_memory(student: Shape, teacher: Shape | None, s: Settings) -> MemoryPlan:
@@ -343,6 +353,8 @@ def suggestions(student: Shape, teacher: Shape | None, s: Settings, available: i
     if s.lora_rank is None:
         tries.append((f"{key}.lora={{r: 16}}", replace(s, lora_rank=16, lora_dropout=0.05)))
     if s.teacher_mode in ("online", "on_policy"):
+        if s.teacher_bytes > 2 and s.teacher_storage_bytes is None:  # fp32 arithmetic kept
+            tries.append(("teacher.storage_dtype=bfloat16", replace(s, teacher_storage_bytes=2)))
         if s.teacher_bytes > 2:
             tries.append(("teacher.model.dtype=bfloat16", replace(s, teacher_bytes=2)))
         tries.append(("teacher.mode=offline (a `potstill teacher cache` first)",
