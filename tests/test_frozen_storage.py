@@ -117,3 +117,15 @@ def test_storage_dtype_that_would_do_nothing_is_refused(pair, tmp_path, override
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc, message)
     assert not out.exists()
+
+
+def test_narrowing_a_model_already_in_its_dtypes_copies_every_tensor():
+    """A checkpoint loaded in its own dtype is views of the file's one mmap; a parameter kept as
+    such a view keeps the whole mapping, and every page once read, resident beside the copies."""
+    model = build_model(build_tokenizer()).to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.norm.weight.data = model.model.norm.weight.float()  # one already fp32
+    originals = list(model.parameters())  # held, so that no copy can reuse their memory
+    narrow_storage(model, torch.bfloat16, torch.float32)
+    after = {t.data_ptr() for t in model.parameters()}
+    assert after.isdisjoint(t.data_ptr() for t in originals)
