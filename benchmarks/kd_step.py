@@ -2,6 +2,7 @@
 
     python benchmarks/kd_step.py                      # 2 sequences x <= 160 tokens, 2 timed steps
     python benchmarks/kd_step.py --steps 1 --seqs 1   # a quick look
+    python benchmarks/kd_step.py --set loss.chunk_size=32   # potstill rows with an override
 
 Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct with LoRA (r 16, all
 linear layers), both fp32 on CPU, loaded from the offline kit; two further potstill rows load
@@ -145,6 +146,7 @@ def run_potstill(student, teacher, tokenizer, items, args, clock: StepClock, out
             f"train.max_seq_len={args.max_seq_len}",
             "train.save_every=1000000",
             "run.log_with=[]",
+            *args.set,
         ],
     )
 
@@ -322,6 +324,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=2, help="sequences per optimizer step")
     parser.add_argument("--max-seq-len", type=int, default=160)
     parser.add_argument("--only", choices=list(TRAINERS), action="append")
+    parser.add_argument("--set", action="append", default=[], help="potstill config override")
     parser.add_argument("--teacher", default=TEACHER, help="model spec (kit name by default)")
     parser.add_argument("--student", default=STUDENT, help="model spec (kit name by default)")
     parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
@@ -334,6 +337,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
         cmd += ["--seqs", str(args.seqs), "--max-seq-len", str(args.max_seq_len)]
         cmd += ["--teacher", args.teacher, "--student", args.student]
+        cmd += [f"--set={override}" for override in args.set]
         start = time.perf_counter()
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
