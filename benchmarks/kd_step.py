@@ -10,11 +10,12 @@ the teacher in bf16 (weights stored and computed in bf16; the loss upcasts its l
 then the teacher and the student's frozen base in bf16 (PEFT keeps the LoRA adapters fp32), and
 one stores the teacher's linear weights in bf16 but computes in fp32 (`teacher.storage_dtype`,
 for CPUs without fast bf16 math, where the other bf16 rows are emulated and slow). TRL
-runs as shipped, fp32. Every trainer sees the same sequences (reasoning-gym gsm_symbolic
-question -> worked solution, built by `build_example`): one optimizer step = `--seqs`
-micro-batches of one sequence (no padding, so every trainer computes the same tokens), and every
-step is the same window. Objective: off-policy forward KL, T = 1, no hard
-loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
+runs as shipped, fp32, so with gradient checkpointing on (its configs' default; ours is off:
+`--set train.gradient_checkpointing=true` matches it). Every trainer sees the same sequences
+(reasoning-gym gsm_symbolic question -> worked solution, built by `build_example`): one
+optimizer step = `--seqs` micro-batches of one sequence (no padding, so every trainer computes
+the same tokens), and every step is the same window. Objective: off-policy forward KL, T = 1,
+no hard loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
 
 - potstill: `train.loop.train` with the distill loss (`chunked_kd_loss`, `TeacherHidden`); the
   bf16 rows also report their first step's loss against the fp32 row's (same weights, same
