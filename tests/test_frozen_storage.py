@@ -125,7 +125,9 @@ def test_narrowing_a_model_already_in_its_dtypes_copies_every_tensor():
     model = build_model(build_tokenizer()).to(torch.bfloat16)
     with torch.no_grad():
         model.model.norm.weight.data = model.model.norm.weight.float()  # one already fp32
-    originals = list(model.parameters())  # held, so that no copy can reuse their memory
+    model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.float()  # a float buffer
+    # held, so that no copy can reuse their memory
+    originals = [*model.parameters(), *model.buffers()]
     narrow_storage(model, torch.bfloat16, torch.float32)
-    after = {t.data_ptr() for t in model.parameters()}
+    after = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
     assert after.isdisjoint(t.data_ptr() for t in originals)

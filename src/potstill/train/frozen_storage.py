@@ -61,7 +61,7 @@ def narrow_storage(model: nn.Module, storage: torch.dtype, compute: torch.dtype)
                 setattr(module, name, replaced[id(param)])
             for name, buf in list(module.named_buffers(recurse=False)):
                 if buf is not None and buf.is_floating_point():
-                    setattr(module, name, buf.to(compute))
+                    setattr(module, name, buf.to(compute, copy=True))
     for module in linears:
         module.__class__ = NarrowLinear
     return model
