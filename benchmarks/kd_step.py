@@ -1,43 +1,34 @@
 """Benchmark: online logit-distillation training steps on the real pair, potstill vs TRL 1.16.
 
     python benchmarks/kd_step.py                      # 2 sequences x <= 160 tokens, 2 timed steps
-    python benchmarks/kd_step.py --steps 1 --seqs 1   # a quick look
-    python benchmarks/kd_step.py --set loss.chunk_size=32   # potstill rows with an override
+    python benchmarks/kd_step.py --steps 1 --seqs 1 --set loss.chunk_size=32   # potstill rows
 
 Teacher qwen2.5-coder-1.5b-instruct, student qwen2.5-coder-0.5b-instruct with LoRA (r 16, all
-linear layers), both fp32 on CPU, loaded from the offline kit; two further potstill rows load
-the teacher in bf16 (weights stored and computed in bf16; the loss upcasts its logits to fp32),
-then the teacher and the student's frozen base in bf16 (PEFT keeps the LoRA adapters fp32), and
-one stores the teacher's linear weights in bf16 but computes in fp32 (`teacher.storage_dtype`,
-for CPUs without fast bf16 math, where the other bf16 rows are emulated and slow). TRL
-runs as shipped, fp32, so with gradient checkpointing on (its configs' default; ours is off:
-`--set train.gradient_checkpointing=true` matches it). Every trainer sees the same sequences
-(reasoning-gym gsm_symbolic question -> worked solution, built by `build_example`): one
-optimizer step = `--seqs` micro-batches of one sequence (no padding, so every trainer computes
-the same tokens), and every step is the same window. Objective: off-policy forward KL, T = 1,
-no hard loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
+linear layers), both fp32 on CPU, from the offline kit. Further potstill rows: the teacher in
+bf16 (stored and computed; the loss upcasts its logits), the teacher and the student's frozen
+base in bf16 (PEFT keeps the LoRA adapters fp32), and the teacher's linear weights stored bf16
+but computed in fp32 (`teacher.storage_dtype`, for CPUs without fast bf16 math). TRL runs as
+shipped, fp32, so with gradient checkpointing on (its configs' default; ours is off: `--set
+train.gradient_checkpointing=true` matches it). Every trainer sees the same sequences
+(gsm_symbolic question -> worked solution, `build_example`): a step is `--seqs` micro-batches
+of one sequence (no padding: the same tokens for every trainer). Objective: off-policy forward
+KL, T = 1, no hard loss (TRL: lmbda = 0, beta = 0; ours: kd_ratio 1, forward_kl).
 
 - potstill: `train.loop.train` with the distill loss (`chunked_kd_loss`, `TeacherHidden`); the
   bf16 rows also report their first step's loss against the fp32 row's (same weights, same
   sequences: `bf16_*_loss_diff`, `bf16_*_loss_rel_diff`).
-- TRL `DistillationTrainer`: it has no off-policy mode in 1.16 (it always samples completions), so
-  its `_generate` is replaced by a lookup of the same completions; the rest of its step (hidden
-  states of both models, its chunked divergence kernel, backward) runs as shipped. That favours it:
-  no sampling time is counted.
-- TRL `GKDTrainer` (trl.experimental.gkd) with lmbda = 0, beta = 0 (full [B, T, V] logits), fed
-  the same tensors by a collator.
+- TRL `DistillationTrainer`: no off-policy mode in 1.16 (it always samples), so its `_generate`
+  is replaced by a lookup of the same completions; the rest of its step runs as shipped. That
+  favours it: no sampling time is counted.
+- TRL `GKDTrainer` (experimental), lmbda = 0, beta = 0 (full logits), the same tensors.
 
-Each trainer runs in a fresh process. Time: the steps after one warm-up step. This machine's CPU
-is shared, so `speedup` compares tokens per CPU-second the process actually got (times its
-threads: the tokens/s it would reach alone); wall-clock tokens/s and the CPU share each process
-got are printed too (`wall_speedup`). Memory: the process's peak RSS from after the two models
-are loaded (the same RSS for all fp32 rows) to the end of training (reset through
-/proc/self/clear_refs), so it holds the weights, the trainer's setup and its steps. `weights`:
-the bytes of both models' tensors before LoRA; `above`: the peak less them. (bf16 weights are
-mapped from the kit's bf16 safetensors, so the RSS right after loading, `models_mib` in the
-worker's JSON, holds them only once they are read; the peak counts them.) Ends with
-`RESULT speedup=… mem_ratio=…` against the better TRL trainer on each axis, then
-`bf16_teacher_…`, `bf16_base_…` and `bf16_storage_…`: the bf16 rows against the same TRL figures.
+Each trainer runs in a fresh process; time is the steps after one warm-up. The CPU is shared, so
+`speedup` compares tokens per CPU-second the process got (times its threads); wall-clock
+tokens/s and CPU share are printed too (`wall_speedup`). Memory: peak RSS from after both models
+are loaded to the end of training (reset through /proc/self/clear_refs). `weights`: both models'
+tensors before LoRA; `above`: the peak less them (bf16 weights are mapped from the kit's
+safetensors and counted once read). Ends with `RESULT speedup=… mem_ratio=…` against the better
+TRL trainer on each axis, then `bf16_teacher_…`, `bf16_base_…`, `bf16_storage_…` likewise.
 """
 
 from __future__ import annotations
@@ -333,6 +324,15 @@ def main() -> None:
     if args.worker:
         print("WORKER " + json.dumps(worker(args.worker, args)), flush=True)
         return
+    if args.set:  # a bad override: one line here, not a traceback from every potstill row
+        from potstill.config import load_config
+        from potstill.errors import PotstillError
+        from potstill.stages.distill import DistillConfig
+
+        try:
+            load_config(DistillConfig, overrides=args.set)
+        except PotstillError as error:
+            parser.error(f"--set: {error}")
     results = {}
     for name in args.only or TRAINERS:
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
